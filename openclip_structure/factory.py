@@ -1,0 +1,163 @@
+"""``create_loss(args)``: open_clip's own loss plus the enabled regularizer terms.
+
+The base loss is whatever open_clip would pick (ClipLoss, SigLipLoss with ``--siglip``, CoCaLoss
+for CoCa models, DistillClipLoss with distillation). Each enabled term is added as its own
+``{name}_loss`` entry of the returned dict, so open_clip sums it into the total and logs it as
+``train/{name}_loss``. With every plugin flag at its default, ``create_loss`` returns open_clip's
+loss object itself: an exact no-op.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .distributed import FeatureBatch, distributed_context, reduce_statistics
+from .flags import regularizers_enabled
+from .losses import AlignTruePairs, CentroidUniformity, ModalityUniformity, RegularizerTerm
+from .schedule import GAP_RAMP_KNOTS, PROGRESS, PiecewiseLinear, TrainingProgress, constant
+
+#: keys of open_clip's model output that hold the two modalities' embeddings
+FEATURE_KEYS = {"image": "image_features", "text": "text_features"}
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN/inf; the message names the term, the step and the bad inputs."""
+
+
+def build_terms(args) -> List[Tuple[RegularizerTerm, PiecewiseLinear]]:
+    """The enabled regularizer terms with their weight schedules, from parsed flags."""
+    terms: List[Tuple[RegularizerTerm, PiecewiseLinear]] = []
+
+    def schedule(name: str, w: float) -> PiecewiseLinear:
+        if args.gap_schedule == "ramp":
+            return PiecewiseLinear(w, GAP_RAMP_KNOTS[name])
+        return constant(w)
+
+    if args.gap_atp_weight > 0:
+        terms.append((AlignTruePairs(anchor=args.gap_anchor), schedule("gap_atp", args.gap_atp_weight)))
+    if args.gap_cu_weight > 0:
+        cls = CentroidUniformity if args.gap_uniformity == "centroid" else ModalityUniformity
+        terms.append((cls(t=args.gap_uniformity_t), schedule("gap_cu", args.gap_cu_weight)))
+    return terms
+
+
+class StructureLoss(nn.Module):
+    """open_clip base loss + weighted regularizer terms, one ``{name}_loss`` entry per term.
+
+    Called exactly like open_clip's losses (``loss(**model_out, output_dict=True)``). The terms
+    run in float32 outside autocast, share one gather and one all-reduce per call (see
+    :mod:`openclip_structure.distributed`), and are exact under DDP/FSDP and ``--accum-freq``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        terms: List[Tuple[RegularizerTerm, PiecewiseLinear]],
+        rank: int = 0,
+        world_size: int = 1,
+        progress: TrainingProgress = PROGRESS,
+        nonfinite: str = "raise",
+        fixed_logit_scale: Optional[float] = None,
+    ):
+        super().__init__()
+        self.base = base
+        self.terms = nn.ModuleList([t for t, _ in terms])
+        self.schedules = [s for _, s in terms]
+        self.rank, self.world_size = rank, world_size
+        self.progress = progress
+        self.nonfinite = nonfinite
+        self.fixed_logit_scale = fixed_logit_scale
+        params = inspect.signature(base.forward).parameters
+        self._base_accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        self._base_params = set(params)
+
+    def weights(self) -> Dict[str, float]:
+        """Current weight of each term (after its schedule)."""
+        f = self.progress.fraction
+        return {t.name: s(f) for t, s in zip(self.terms, self.schedules)}
+
+    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False, **kwargs):
+        if self.fixed_logit_scale is not None:
+            logit_scale = torch.full_like(logit_scale, self.fixed_logit_scale)
+        inputs = dict(image_features=image_features, text_features=text_features,
+                      logit_scale=logit_scale, **kwargs)
+        base_inputs = {k: v for k, v in inputs.items()
+                       if self._base_accepts_any or k in self._base_params}
+        out = self.base(**base_inputs, output_dict=True)
+        if not isinstance(out, dict):  # a custom base loss returning a tensor
+            out = {"contrastive_loss": out}
+        out = dict(out)
+        features = {m: inputs[k] for m, k in FEATURE_KEYS.items()}
+        out.update(self.regularizer_losses(features))
+        if self.nonfinite != "off":
+            self._check_finite(out, features)
+        return out if output_dict else sum(out.values())
+
+    def regularizer_losses(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``{name}_loss`` of every term (weighted), computed in float32 (float64 inputs stay
+        float64) on the gathered batch."""
+        if len(self.terms) == 0:
+            return {}
+        ref = next(iter(features.values()))
+        shapes = {k: tuple(v.shape) for k, v in features.items()}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"openclip-structure: embeddings must have the same [batch, dim] shape, got {shapes}")
+        weights = self.weights()
+        active = [t for t in self.terms if weights[t.name] != 0.0]
+        losses = {f"{t.name}_loss": ref.new_zeros((), dtype=torch.float32) for t in self.terms}
+        if not active:
+            return losses
+        autocast_off = (torch.autocast(ref.device.type, enabled=False)
+                        if ref.device.type in ("cuda", "cpu", "xpu") else contextlib.nullcontext())
+        with autocast_off:
+            batch = FeatureBatch({k: _at_least_float32(v) for k, v in features.items()}, self.rank, self.world_size)
+            stats = reduce_statistics([t.statistics(batch) for t in active], self.world_size)
+            for term, s in zip(active, stats):
+                losses[f"{term.name}_loss"] = weights[term.name] * term.finalize(s)
+        return losses
+
+    def _check_finite(self, out: Dict[str, torch.Tensor], features: Dict[str, torch.Tensor]) -> None:
+        values = torch.stack([v.detach().float().reshape(()) for v in out.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = [k for k, v in out.items() if not bool(torch.isfinite(v.detach()).all())]
+        inputs = [f"{FEATURE_KEYS.get(k, k)} has {int((~torch.isfinite(v.detach())).sum())} non-finite values"
+                  for k, v in features.items() if not bool(torch.isfinite(v.detach()).all())]
+        msg = (f"openclip-structure: non-finite loss term(s) {', '.join(bad)} at step {self.progress.step} "
+               f"(rank {self.rank}); " + ("; ".join(inputs) if inputs else "the input embeddings are finite")
+               + ". Use --structure-nonfinite warn to continue anyway.")
+        if self.nonfinite == "raise":
+            raise NonFiniteLossError(msg)
+        logging.warning(msg)
+
+
+def create_loss(args, base_factory: Optional[Callable] = None, progress: TrainingProgress = PROGRESS) -> nn.Module:
+    """open_clip's ``create_loss(args)`` plus the regularizers enabled in ``args``.
+
+    ``base_factory`` defaults to ``open_clip.create_loss``. Returns the base loss unchanged when
+    no plugin flag is set.
+    """
+    if base_factory is None:
+        from open_clip import create_loss as base_factory
+    base = base_factory(args)
+    fixed_t = getattr(args, "fixed_temperature", None)
+    if not regularizers_enabled(args) and fixed_t is None:
+        return base
+    rank, world_size = distributed_context(args)
+    loss = StructureLoss(
+        base, build_terms(args), rank=rank, world_size=world_size, progress=progress,
+        nonfinite=args.structure_nonfinite,
+        fixed_logit_scale=None if fixed_t is None else 1.0 / fixed_t,
+    )
+    if rank == 0:
+        logging.info(f"openclip-structure loss: base {type(base).__name__}, terms {loss.weights()}")
+    return loss

@@ -1,0 +1,66 @@
+"""The contract every regularizer term follows (no open_clip imports here).
+
+A term is split into two steps so that all terms of a step share one gather and one
+all-reduce (see :mod:`openclip_structure.distributed`):
+
+* ``statistics(batch)``: a 1-D float32 tensor of sums over the LOCAL rows of ``batch``
+  (each row compared with the gathered columns where the term needs pairs);
+* ``finalize(stats)``: the scalar loss from the GLOBAL sums.
+
+``term(features)`` on plain tensors runs both steps on one process: this is the pure,
+single-device form used in tests and by users outside open_clip.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..distributed import FeatureBatch
+
+
+def pair_kernel_sums(rows: torch.Tensor, cols: torch.Tensor, diag: torch.Tensor, t: float) -> torch.Tensor:
+    """sum_{i local} sum_{j != i} exp(-t ||x_i - x_j||^2) for unit-norm rows/cols.
+
+    Uses ||x_i - x_j||^2 = 2 - 2 <x_i, x_j>; ``diag[i]`` is the column index of row i's own
+    sample, whose term is removed. Memory: one ``B_local x B_global`` matrix.
+    """
+    sq = (2.0 - 2.0 * rows @ cols.t()).clamp_min(0.0)
+    kernel = torch.exp(-t * sq)
+    own = kernel.gather(1, diag.view(-1, 1))
+    return kernel.sum() - own.sum()
+
+
+class RegularizerTerm(nn.Module):
+    """Base class: a named loss term computed from sums over local rows (see module doc)."""
+
+    #: key of the term; the composite loss logs it as ``{name}_loss``
+    name: str = "term"
+    #: feature keys (``FeatureBatch`` modalities) the term reads
+    keys: Tuple[str, ...] = ("image", "text")
+
+    def statistics(self, batch: FeatureBatch) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finalize(self, stats: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Single-process value: ``features`` maps keys to ``[N, D]`` tensors (or is a list in
+        the order of ``self.keys``)."""
+        if not isinstance(features, Mapping):
+            features = list(features)
+            if len(features) != len(self.keys):
+                raise ValueError(f"{self.name}: expected {len(self.keys)} embedding tensors "
+                                 f"({', '.join(self.keys)}), got {len(features)}")
+            features = dict(zip(self.keys, features))
+        missing = [k for k in self.keys if k not in features]
+        if missing:
+            raise ValueError(f"{self.name}: missing embeddings {missing}")
+        batch = FeatureBatch({k: features[k] for k in self.keys})
+        return self.finalize(self.statistics(batch))
+
+
+def row_count(batch: FeatureBatch, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float(batch.n_local), dtype=like.dtype, device=like.device)

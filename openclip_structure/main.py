@@ -1,0 +1,135 @@
+"""Launcher: open_clip_train's training entrypoint with the plugin installed.
+
+    python -m openclip_structure.main [--] <open_clip_train flags> <plugin flags>
+    torchrun --nproc_per_node N -m openclip_structure.main -- <flags>
+
+This is the only place that patches open_clip_train. While :func:`main` runs it
+
+* adds the plugin's argument group to open_clip_train's own parser (``--help``, ``params.txt``
+  and the wandb config show the flags) and validates it before anything else happens;
+* replaces ``create_loss`` with :func:`openclip_structure.factory.create_loss`;
+* wraps the LR-scheduler factories so loss-weight schedules know the global step;
+* applies ``--fixed-temperature`` to the created model (logit scale frozen at 1/T);
+* lets DistributedDataParallel run on CPU (open_clip 3.x passes ``device_ids=[cpu]``).
+
+Everything is restored when :func:`main` returns.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import factory, flags
+from .distributed import CPUFriendlyDDP
+from .schedule import PROGRESS
+
+MODEL_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+
+
+def register_model_configs() -> None:
+    """Make the bundled tiny configs (e.g. ``structure-tiny``) known to open_clip."""
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def parse_args_with_plugin(original_parse_args, argv: Sequence[str]) -> argparse.Namespace:
+    """open_clip_train's ``parse_args`` with the plugin group added to the same parser."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_with_plugin(parser, args=None, namespace=None):
+        flags.add_arguments(parser)
+        ns = original(parser, args, namespace)
+        try:
+            flags.validate(ns)
+        except flags.FlagError as e:
+            parser.error(str(e))
+        return ns
+
+    argparse.ArgumentParser.parse_args = parse_with_plugin
+    try:
+        return original_parse_args(list(argv))
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
+def _wrap_scheduler(factory_fn):
+    @functools.wraps(factory_fn)
+    def make(optimizer, base_lr, warmup_length, steps, *args, **kwargs):
+        adjust = factory_fn(optimizer, base_lr, warmup_length, steps, *args, **kwargs)
+        PROGRESS.total_steps = int(steps)
+
+        def adjust_and_record(step):
+            PROGRESS.step = int(step)
+            return adjust(step)
+
+        return adjust_and_record
+
+    return make
+
+
+def _fix_temperature(model, temperature: float) -> None:
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1.0 / temperature))
+    model.logit_scale.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def installed(ocm=None):
+    """Patch ``open_clip_train.main`` (module ``ocm``) for the duration of the block."""
+    if ocm is None:
+        import open_clip_train.main as ocm
+    state = {}
+    orig = {name: getattr(ocm, name) for name in
+            ("parse_args", "create_loss", "create_model_and_transforms", "cosine_lr", "const_lr",
+             "const_lr_cooldown")}
+    orig_ddp = torch.nn.parallel.DistributedDataParallel
+
+    def parse_args(argv):
+        args = parse_args_with_plugin(orig["parse_args"], argv)
+        state["args"] = args
+        return args
+
+    def create_model_and_transforms(model_name, *a, **kw):
+        out = orig["create_model_and_transforms"](model_name, *a, **kw)
+        args = state.get("args")
+        if args is not None and args.fixed_temperature is not None and model_name == args.model:
+            _fix_temperature(out[0], args.fixed_temperature)
+        return out
+
+    def create_loss(args):
+        return factory.create_loss(args, base_factory=orig["create_loss"], progress=PROGRESS)
+
+    PROGRESS.reset()
+    patches = dict(parse_args=parse_args, create_loss=create_loss,
+                   create_model_and_transforms=create_model_and_transforms,
+                   **{k: _wrap_scheduler(orig[k]) for k in ("cosine_lr", "const_lr", "const_lr_cooldown")})
+    for k, v in patches.items():
+        setattr(ocm, k, v)
+    torch.nn.parallel.DistributedDataParallel = CPUFriendlyDDP
+    try:
+        yield ocm
+    finally:
+        for k, v in orig.items():
+            setattr(ocm, k, v)
+        torch.nn.parallel.DistributedDataParallel = orig_ddp
+
+
+def main(argv: Optional[List[str]] = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m openclip_structure.main -- --flags`
+        argv = argv[1:]
+    register_model_configs()
+    with installed() as ocm:
+        return ocm.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Build webdataset shards for open_clip training; see ``openclip_structure.shards``.
+
+    python scripts/make_shards.py --source digits --out data/digits
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from openclip_structure.shards import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main())
