@@ -39,6 +39,22 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fa
 
 weight = _number(lo=0.0, what="weight")
 
+VIEW_AUGS = ("crop", "autoaugment")
+TEXT_AUGS = ("none", "eda")
+
+
+def bridge_t(text: str):
+    """``--bridge-t``: a number in the open interval (0, 1), or the string ``uniform``."""
+    if text == "uniform":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1) or 'uniform', got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1) or 'uniform', got {text!r}")
+    return value
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the plugin's argument group to ``parser`` (open_clip_train's parser)."""
@@ -64,9 +80,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--fixed-temperature", type=_number(lo=0.01, hi=1.0, what="temperature"), default=None,
                    help="Freeze the contrastive temperature at this value (logit scale 1/T) instead of "
                         "learning it; Grassucci et al. train with 0.1. Default: learned, as open_clip.")
+    g.add_argument("--val-structure-metrics", choices=["gap", "all", "none"], default="gap",
+                   help="Extra validation metrics with --val-data (logged as val/...): 'gap' = label-free "
+                        "gap measures from open_clip's own validation embeddings (default); 'all' = also "
+                        "group-level clustering metrics, which need a <key>.cls label in every webdataset "
+                        "validation sample (one extra pass over the validation shards); 'none'.")
     g.add_argument("--structure-nonfinite", choices=["raise", "warn", "off"], default="raise",
                    help="What to do when a loss term is NaN/inf: 'raise' stops with the term's name and "
                         "the step, 'warn' logs it and goes on, 'off' skips the check (no sync).")
+    # ---- latent modality structures (Jiang et al., CVPR 2023, arXiv 2303.05952) ----
+    g.add_argument("--gc-weight", type=weight, default=0.0,
+                   help="Weight of geometric consistency L_gc (Jiang et al. 2023; = CyCLIP's cyclic loss, "
+                        "CyCLIP uses 0.25). Logged as gc_loss. 0 = off.")
+    g.add_argument("--gc-aug-weight", type=weight, default=0.0,
+                   help="Weight of augmented geometric consistency L_gc^a (Jiang et al. 2023; CyCLIP-style "
+                        "0.25 is a reasonable start). Needs the second view (--view-aug). Logged as gc_aug_loss.")
+    g.add_argument("--bridge-weight", type=weight, default=0.0,
+                   help="Weight of the Brownian-bridge loss (Jiang et al. 2023): the augmented image "
+                        "embedding should lie on normalize(t z_V + (1-t) z_T). Logged as bridge_loss. 0 = off.")
+    g.add_argument("--bridge-t", type=bridge_t, default=0.25,
+                   help="Image weight t of the bridge point: a number in (0, 1) (default 0.25, the paper's "
+                        "value) or 'uniform' (t ~ U(0,1) per sample, seeded by --seed).")
+    g.add_argument("--sep-weight", type=weight, default=0.0,
+                   help="Weight of deep feature separation (Jiang et al. 2023), applied alike to its three "
+                        "terms sep_ortho, sep_icon, sep_iuni (logged separately). Adds one trainable "
+                        "independent head per tower (saved as 'structure_heads' in checkpoints, not in "
+                        "state_dict). Needs open_clip's VisionTransformer + built-in text transformer. 0 = off.")
+    g.add_argument("--sep-temperature", type=_number(lo=0.0, hi=10.0, lo_open=True, what="temperature"),
+                   default=0.1,
+                   help="Temperature of sep_icon's InfoNCE between independent features of the two views "
+                        "(default 0.1: our choice, SimCLR-style; the paper does not state it).")
+    g.add_argument("--inmodal-weight", type=weight, default=0.0,
+                   help="Weight of CyCLIP's in-modal contrastive terms (L_V2Va + L_T2Ta)/2 with the CLIP "
+                        "temperature (CyCLIP's L_con = 1/4 (..) corresponds to weight 1 with the CLIP loss "
+                        "halved). Logged as inmodal_loss. 0 = off.")
+    g.add_argument("--view-aug", choices=list(VIEW_AUGS), default="crop",
+                   help="Second image view, used by --gc-aug/--bridge/--sep/--inmodal-weight: 'crop' = "
+                        "RandomResizedCrop(scale=(0.5, 1)) + horizontal flip; 'autoaugment' = resize, "
+                        "torchvision AutoAugment (ImageNet policy); then the model's own normalisation.")
+    g.add_argument("--text-aug", choices=list(TEXT_AUGS), default="none",
+                   help="Second caption: 'none' = the caption itself (z^a_T = z_T); 'eda' = EDA-style "
+                        "random word dropout (p=0.1) and one random swap of two words.")
     return parser
 
 
@@ -79,18 +133,48 @@ def plugin_destinations(parser: argparse.ArgumentParser) -> list:
 
 
 def regularizers_enabled(args) -> bool:
-    return args.gap_atp_weight > 0 or args.gap_cu_weight > 0
+    return (args.gap_atp_weight > 0 or args.gap_cu_weight > 0 or getattr(args, "gc_weight", 0) > 0
+            or views_enabled(args))
+
+
+def separation_enabled(args) -> bool:
+    """Deep feature separation: independent heads are attached to the model."""
+    return getattr(args, "sep_weight", 0) > 0
+
+
+def views_enabled(args) -> bool:
+    """Whether a term needs the second (augmented) view: the train preprocess then yields two views
+    per image and the model forward encodes both."""
+    return any(getattr(args, k, 0) > 0 for k in ("gc_aug_weight", "bridge_weight", "sep_weight", "inmodal_weight"))
+
+
+def text_views_enabled(args) -> bool:
+    return views_enabled(args) and getattr(args, "text_aug", "none") != "none"
 
 
 def validate(args) -> None:
     """Cross-flag checks; raises :class:`FlagError` naming the flags and the allowed values."""
-    if args.gap_schedule == "ramp" and not regularizers_enabled(args):
+    if args.val_structure_metrics == "all":
+        if not getattr(args, "val_data", None):
+            raise FlagError("--val-structure-metrics all needs --val-data (webdataset shards with a .cls label)")
+        if getattr(args, "dataset_type", "auto") not in ("webdataset", "auto") or (
+                args.dataset_type == "auto" and ".tar" not in args.val_data):
+            raise FlagError("--val-structure-metrics all reads labels from webdataset validation shards "
+                            f"(<key>.cls); --val-data {args.val_data} is not webdataset (use 'gap')")
+    if getattr(args, "text_aug", "none") != "none" and not views_enabled(args):
+        raise FlagError(f"--text-aug {args.text_aug} only feeds the two-view regularizers: set --gc-aug-weight, "
+                        "--bridge-weight, --sep-weight or --inmodal-weight > 0 (or drop --text-aug)")
+    if args.gap_schedule == "ramp" and not (args.gap_atp_weight > 0 or args.gap_cu_weight > 0):
         raise FlagError("--gap-schedule ramp needs --gap-atp-weight or --gap-cu-weight > 0")
     if not regularizers_enabled(args) and args.fixed_temperature is None:
         return
     if getattr(args, "horovod", False):
         raise FlagError("--horovod is not supported by openclip-structure's regularizers or "
                         "--fixed-temperature; use torchrun (torch.distributed) instead")
+    if views_enabled(args) and (getattr(args, "distill_model", None) or getattr(args, "distill_pretrained", None)):
+        raise FlagError("distillation (--distill-model/--distill-pretrained) cannot be combined with the "
+                        "two-view regularizers (--gc-aug-weight, --bridge-weight, --sep-weight, "
+                        "--inmodal-weight): the teacher would see the stacked views")
     if args.gap_schedule == "ramp" and getattr(args, "skip_scheduler", False):
         raise FlagError("--gap-schedule ramp follows the LR scheduler's step; it cannot be used "
                         "with --skip-scheduler (use --gap-schedule constant)")

@@ -10,7 +10,9 @@ This is the only place that patches open_clip_train. While :func:`main` runs it
 * replaces ``create_loss`` with :func:`openclip_structure.factory.create_loss`;
 * wraps the LR-scheduler factories so loss-weight schedules know the global step;
 * applies ``--fixed-temperature`` to the created model (logit scale frozen at 1/T);
-* lets DistributedDataParallel run on CPU (open_clip 3.x passes ``device_ids=[cpu]``).
+* lets DistributedDataParallel run on CPU (open_clip 3.x passes ``device_ids=[cpu]``);
+* adds the gap (and optionally group-level) metrics to ``--val-data`` validation
+  (:mod:`openclip_structure.validation`).
 
 Everything is restored when :func:`main` returns.
 """
@@ -29,6 +31,7 @@ import torch
 from . import factory, flags
 from .distributed import CPUFriendlyDDP
 from .schedule import PROGRESS
+from .validation import ValidationHook
 
 MODEL_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 
@@ -88,20 +91,26 @@ def installed(ocm=None):
         import open_clip_train.main as ocm
     state = {}
     orig = {name: getattr(ocm, name) for name in
-            ("parse_args", "create_loss", "create_model_and_transforms", "cosine_lr", "const_lr",
-             "const_lr_cooldown")}
+            ("parse_args", "create_loss", "create_model_and_transforms", "evaluate", "cosine_lr",
+             "const_lr", "const_lr_cooldown")}
     orig_ddp = torch.nn.parallel.DistributedDataParallel
+
+    import open_clip_train.train as oct
+    hook = ValidationHook()
+    orig_metrics = oct.get_clip_metrics
 
     def parse_args(argv):
         args = parse_args_with_plugin(orig["parse_args"], argv)
-        state["args"] = args
+        state["args"] = hook.args = args
         return args
 
     def create_model_and_transforms(model_name, *a, **kw):
         out = orig["create_model_and_transforms"](model_name, *a, **kw)
         args = state.get("args")
-        if args is not None and args.fixed_temperature is not None and model_name == args.model:
-            _fix_temperature(out[0], args.fixed_temperature)
+        if args is not None and model_name == args.model:
+            hook.preprocess_val = out[2]
+            if args.fixed_temperature is not None:
+                _fix_temperature(out[0], args.fixed_temperature)
         return out
 
     def create_loss(args):
@@ -110,16 +119,19 @@ def installed(ocm=None):
     PROGRESS.reset()
     patches = dict(parse_args=parse_args, create_loss=create_loss,
                    create_model_and_transforms=create_model_and_transforms,
+                   evaluate=hook.wrap_evaluate(orig["evaluate"]),
                    **{k: _wrap_scheduler(orig[k]) for k in ("cosine_lr", "const_lr", "const_lr_cooldown")})
     for k, v in patches.items():
         setattr(ocm, k, v)
     torch.nn.parallel.DistributedDataParallel = CPUFriendlyDDP
+    oct.get_clip_metrics = hook.wrap_get_clip_metrics(orig_metrics)
     try:
         yield ocm
     finally:
         for k, v in orig.items():
             setattr(ocm, k, v)
         torch.nn.parallel.DistributedDataParallel = orig_ddp
+        oct.get_clip_metrics = orig_metrics
 
 
 def main(argv: Optional[List[str]] = None):

@@ -70,6 +70,7 @@ def data(tmp_path_factory):
             p.write_bytes(s.image)
             w.writerow([str(p), s.caption])
     return {"wds": shards["train"]["pattern"], "wds_n": shards["train"]["num_samples"],
+            "val": shards["val"]["pattern"],
             "csv": str(root / "train.csv"), "root": root}
 
 
@@ -173,7 +174,7 @@ def gap_run(data, tmp_path_factory):
     argv = ["--train-data", data["wds"], "--dataset-type", "webdataset", "--train-num-samples", "256",
             "--batch-size", "32", "--logs", str(logs), "--name", "gap", "--save-most-recent",
             "--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gap-schedule", "ramp",
-            "--fixed-temperature", "0.1"] + TRAIN
+            "--fixed-temperature", "0.1", "--val-data", data["val"], "--val-structure-metrics", "all"] + TRAIN
     ok(run(argv))
     return logs / "gap", argv
 
@@ -190,6 +191,22 @@ def test_training_logs_terms_params_and_tensorboard(gap_run):
     assert {"train/gap_atp_loss", "train/gap_cu_loss", "train/contrastive_loss", "train/loss"} <= tags
     # fixed temperature: logit scale stays exactly 1/0.1
     assert all(abs(ev.value - 10.0) < 1e-4 for ev in acc.Scalars("train/scale"))
+
+
+@pytest.mark.slow
+def test_validation_adds_gap_and_group_metrics(gap_run):
+    run_dir, _ = gap_run
+    results = [json.loads(line) for line in open(run_dir / "checkpoints" / "results.jsonl")]
+    assert len(results) == 1 and results[0]["epoch"] == 1
+    r = results[0]
+    assert "image_to_text_R@1" in r  # open_clip's own metrics are still there
+    for key in ("modality_gap", "cos_true_pairs", "modality_separability", "fang_uniformity",
+                "mixed_v_measure", "image_v_measure", "text_v_measure", "mixed_knn_accuracy"):
+        assert isinstance(r[key], float) and r[key] == r[key], key
+    assert 0.0 <= r["modality_gap"] <= 2.0 and 0.0 <= r["mixed_v_measure"] <= 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set(EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"])
+    assert {"val/modality_gap", "val/mixed_v_measure"} <= tags
 
 
 @pytest.mark.slow
@@ -215,6 +232,7 @@ def test_checkpoint_loads_with_plain_open_clip_in_fresh_process(gap_run):
 def test_resume_continues(gap_run):
     run_dir, argv = gap_run
     argv = [a if a != "1" or argv[i - 1] != "--epochs" else "2" for i, a in enumerate(argv)]
+    argv = [a if a != "all" else "gap" for a in argv]  # skip the extra labelled pass here
     ok(run(argv + ["--resume", "latest"]))
     log = open(run_dir / "out.log").read()
     assert "resuming checkpoint" in log and "Train Epoch: 1" in log

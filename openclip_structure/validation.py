@@ -1,0 +1,99 @@
+"""Modality-gap and group-level metrics inside open_clip's own validation (``--val-data``).
+
+open_clip's ``evaluate`` collects every validation image/text embedding on rank 0 and calls
+``open_clip_train.train.get_clip_metrics`` (looked up at call time). The launcher wraps that
+function, so the measures of :mod:`openclip_structure.metrics` land in the same ``val/...``
+tensorboard/wandb keys and the same ``checkpoints/results.jsonl`` line as open_clip's retrieval
+metrics:
+
+* ``--val-structure-metrics gap`` (default): label-free measures computed from the embeddings
+  open_clip already has (gap, cosine of true pairs, intra-modal cosines, Fang uniformity,
+  relative gap, linear separability of the modalities).
+* ``all``: also the group-level measures (k-means V-measure/NMI/ARI/homogeneity on the mixed
+  image+text set and per modality, kNN and linear probe), which need class labels: open_clip's
+  validation loader drops every field but image and text, so rank 0 re-reads the webdataset
+  validation shards with their ``<key>.cls`` label field (one extra pass over the validation
+  set, reported in the log).
+* ``none``: nothing is added.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Callable, Dict
+
+import torch
+
+from . import metrics
+
+LABEL_FREE: Dict[str, Callable] = {
+    "modality_gap": metrics.modality_gap,
+    "cos_true_pairs": metrics.cos_true_pairs,
+    "intra_image_cos": lambda img, txt: metrics.mean_intra_modal_cosine(img),
+    "intra_text_cos": lambda img, txt: metrics.mean_intra_modal_cosine(txt),
+    "fang_uniformity": metrics.fang_uniformity,
+    "relative_modality_gap": metrics.relative_modality_gap,
+    "modality_separability": metrics.modality_separability,
+}
+
+
+def gap_val_metrics(image_features: torch.Tensor, text_features: torch.Tensor) -> Dict[str, float]:
+    img = image_features.float().cpu().numpy()
+    txt = text_features.float().cpu().numpy()
+    return {name: float(fn(img, txt)) for name, fn in LABEL_FREE.items()}
+
+
+def _val_runs_this_epoch(data, epoch, args) -> bool:  # the condition open_clip's evaluate uses
+    return "val" in data and bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
+
+
+class ValidationHook:
+    """Holds what the two wrappers share for one training job."""
+
+    def __init__(self):
+        self.args = None
+        self.preprocess_val = None
+        self.pending: Dict[str, float] = {}
+
+    def wrap_get_clip_metrics(self, original):
+        @functools.wraps(original)
+        def get_clip_metrics(image_features, text_features, logit_scale):
+            out = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale)
+            mode = getattr(self.args, "val_structure_metrics", "none")
+            if mode != "none":
+                start = time.perf_counter()
+                out.update(gap_val_metrics(image_features, text_features))
+                out.update(self.pending)
+                logging.info(f"openclip-structure: validation structure metrics in {time.perf_counter() - start:.2f}s")
+            self.pending = {}
+            return out
+
+        return get_clip_metrics
+
+    def wrap_evaluate(self, original):
+        @functools.wraps(original)
+        def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
+            self.pending = {}
+            if (getattr(args, "val_structure_metrics", "none") == "all" and args.rank == 0
+                    and _val_runs_this_epoch(data, epoch, args)):
+                self.pending = self.group_metrics(model, args, tokenizer)
+            return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+
+        return evaluate
+
+    def group_metrics(self, model, args, tokenizer) -> Dict[str, float]:
+        from .evaluate import encode_shards
+
+        start = time.perf_counter()
+        model = getattr(model, "module", model)
+        with torch.inference_mode():
+            img, txt, labels = encode_shards(model, self.preprocess_val, tokenizer, args.val_data,
+                                             batch_size=args.batch_size, device=args.device)
+        if labels is None:
+            raise ValueError(f"--val-structure-metrics all needs a .cls class label on every validation "
+                             f"sample of {args.val_data}; some samples have none (use 'gap' instead)")
+        out = {k: v for k, v in metrics.group_metrics(img, txt, labels).items()}
+        logging.info(f"openclip-structure: group metrics on {len(labels)} labelled validation pairs "
+                     f"(extra pass) in {time.perf_counter() - start:.1f}s")
+        return out
