@@ -1,0 +1,569 @@
+"""Standalone evaluation of open_clip checkpoints: modality gap and group-level structure.
+
+    python -m openclip_structure.evaluate --model structure-tiny \\
+        --pretrained logs/base/checkpoints/epoch_10.pt --data 'data/digits/val/{00000..00001}.tar' \\
+        [--compare gap=logs/gap/checkpoints/epoch_10.pt exported=local-dir:exported/gap ...] \\
+        [--shift] [--plots figs/] [--out results.json] [--max-samples N] [--batch-size 256] \\
+        [--device cpu|cuda] [--seed 0]
+
+Each checkpoint is loaded with plain open_clip: ``create_model_and_transforms(NAME,
+pretrained=CKPT)`` for a training checkpoint (``torch.load(weights_only=True)``, ``module.``
+stripped, strict keys) or ``create_model_and_transforms("local-dir:DIR")`` for an exported folder
+(see :mod:`openclip_structure.export`); the bundled configs (``structure-*``) are registered
+first. Every sample of the webdataset shards (``<key>.png|jpg|...`` + ``<key>.txt``, optional
+``<key>.cls`` integer label) is encoded with the model's validation preprocessing and its
+tokenizer, L2-normalised, and scored with :func:`openclip_structure.metrics.all_metrics`
+(gap measures, retrieval; group-level clustering / kNN / probe when every sample has a label and
+there are at least two classes).
+
+``--shift`` adds the diagnostic of Liang et al. 2022 ("Mind the Gap"): both modalities are moved
+along the gap vector by ``alpha`` (:func:`metrics.shift_towards`; 0 = as trained, 1 = centroids
+meet) and the gap, cosine of true pairs, R@1 both ways and the mixed-set V-measure are reported
+per alpha. ``--plots DIR`` writes ``embeddings_<label>.png`` (2-D map by modality and by class)
+and with ``--shift`` ``shift_<label>.png`` (and ``shift_curve.png`` overlaying every checkpoint).
+
+The reusable pieces are :func:`load_model`, :func:`encode_shards`, :func:`evaluate_embeddings` and
+:func:`evaluate_checkpoint`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .export import CheckpointError, key_mismatch, format_key_mismatch, quiet_open_clip_logging, \
+    read_checkpoint_state_dict
+
+__all__ = [
+    "DataError",
+    "CheckpointError",
+    "DEFAULT_ALPHAS",
+    "load_model",
+    "iter_shard_samples",
+    "encode_shards",
+    "evaluate_embeddings",
+    "shift_diagnostic",
+    "evaluate_checkpoint",
+    "format_metrics_table",
+    "format_shift_table",
+    "main",
+]
+
+LOCAL_DIR = "local-dir:"
+DEFAULT_ALPHAS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+# webdataset's key convention: everything up to the first dot of the basename
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+class DataError(ValueError):
+    """Shards that cannot be evaluated (missing files, no complete samples)."""
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
+def _device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here")
+    return d
+
+
+def _resolve_source(model_name: Optional[str], pretrained: Optional[str]) -> Tuple[str, Optional[str]]:
+    """``(name for open_clip, pretrained or None)``; validates paths before open_clip sees them."""
+    import open_clip
+
+    if pretrained and pretrained.startswith(LOCAL_DIR):
+        name, pretrained = pretrained, None
+    elif model_name and model_name.startswith(LOCAL_DIR):
+        if pretrained:
+            raise ValueError(f"--model {model_name} already names the weights; drop --pretrained {pretrained}")
+        name = model_name
+    else:
+        if not model_name:
+            raise ValueError("--model NAME is needed for a training checkpoint (or pass local-dir:PATH)")
+        if open_clip.get_model_config(model_name) is None:
+            raise ValueError(f"unknown model config {model_name!r} (bundled: structure-*; "
+                             f"open_clip has e.g. {', '.join(open_clip.list_models()[:5])}, ...)")
+        name = model_name
+        if not pretrained:
+            raise ValueError("no weights given: pass --pretrained CKPT (a file, an open_clip tag, or local-dir:PATH)")
+        if os.path.isdir(pretrained):
+            raise CheckpointError(f"{pretrained} is a folder: pass local-dir:{pretrained} for an exported model")
+        if not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(model_name, pretrained):
+            raise CheckpointError(f"checkpoint file not found: {pretrained}")
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name[len(LOCAL_DIR):])
+        if not folder.is_dir():
+            raise CheckpointError(f"model folder not found: {folder}")
+        if not (folder / "open_clip_config.json").is_file():
+            raise CheckpointError(f"{folder} has no open_clip_config.json (export a checkpoint with "
+                                  "python -m openclip_structure.export)")
+    return name, pretrained
+
+
+def _diagnose_load_failure(name: str, path: str, err: BaseException) -> None:
+    """Turn open_clip's failure to load ``path`` into a short :class:`CheckpointError`, if possible."""
+    import open_clip
+
+    state_dict = read_checkpoint_state_dict(path)  # raises CheckpointError for pickled objects
+    with quiet_open_clip_logging():
+        bare = open_clip.create_model(name, pretrained=None, device="cpu")
+    missing, unexpected, shapes = key_mismatch(bare, state_dict)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"checkpoint {path} does not match model {name!r}: "
+                              f"{format_key_mismatch(missing, unexpected, shapes)}") from err
+
+
+def load_model(model_name: Optional[str], pretrained: Optional[str], device=None):
+    """``(model, preprocess_val, tokenizer)`` in eval mode on ``device``.
+
+    ``pretrained`` is a training checkpoint (with ``model_name`` an open_clip config name),
+    ``local-dir:PATH`` (``model_name`` ignored), or an open_clip pretrained tag. The bundled
+    model configs are registered first. Raises :class:`CheckpointError` with the missing /
+    unexpected keys when the weights do not fit the model, or when the file holds pickled
+    non-tensor objects.
+    """
+    import open_clip
+
+    from .main import register_model_configs
+
+    register_model_configs()
+    dev = _device(device)
+    name, pretrained = _resolve_source(model_name, pretrained)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=dev)
+    except Exception as e:
+        if pretrained and os.path.isfile(pretrained):
+            _diagnose_load_failure(name, pretrained, e)
+        raise
+    tokenizer = open_clip.get_tokenizer(name)
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+# ----------------------------------------------------------------------------- shards and encoding
+
+
+def _expand(pattern) -> List[str]:
+    from braceexpand import braceexpand
+
+    if isinstance(pattern, (list, tuple)):
+        return [str(p) for p in pattern]
+    return [u for part in str(pattern).split("::") for u in braceexpand(part)]
+
+
+def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[str, bytes, str, Optional[int]]]:
+    """Stream ``(key, image bytes, caption, label or None)`` from webdataset tar shards.
+
+    ``pattern`` is a brace pattern (``::`` separates several) or a list of paths. Members are
+    grouped as webdataset does (consecutive members sharing the key = name up to the first dot
+    of the basename). Samples without an image or a ``txt`` caption are skipped and counted in
+    ``stats["skipped"]``.
+    """
+    stats = {} if stats is None else stats
+    stats.setdefault("skipped", 0)
+    urls = _expand(pattern)
+    if not urls:
+        raise DataError(f"the pattern {pattern!r} names no shard")
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]}")
+    stats["shards"] = len(urls)
+
+    def complete(key, fields):
+        image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+        if image is None or "txt" not in fields:
+            stats["skipped"] += 1
+            return None
+        label = None
+        if "cls" in fields:
+            try:
+                label = int(fields["cls"].decode("utf-8").strip())
+            except ValueError as e:
+                raise DataError(f"sample {key}: .cls is not an integer: {fields['cls'][:20]!r}") from e
+        return key, image, fields["txt"].decode("utf-8").strip(), label
+
+    for url in urls:
+        with tarfile.open(url) as tar:
+            key, fields = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                m = _KEY_RE.match(member.name)
+                if not m:
+                    continue
+                k, ext = m.group(1), m.group(2).lower()
+                if k != key:
+                    if key is not None:
+                        s = complete(key, fields)
+                        if s:
+                            yield s
+                    key, fields = k, {}
+                fields[ext] = tar.extractfile(member).read()
+            if key is not None:
+                s = complete(key, fields)
+                if s:
+                    yield s
+
+
+def _decode_image(key: str, data: bytes):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise DataError(f"sample {key}: cannot decode the image: {e}") from e
+
+
+@torch.no_grad()
+def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, device=None,
+                  max_samples: Optional[int] = None, stats: Optional[dict] = None):
+    """Encode the image-caption pairs of webdataset shards.
+
+    Returns ``(img [N, D] float32, txt [N, D] float32, labels [N] int64 or None)`` with
+    L2-normalised rows, pair ``i`` being sample ``i`` in shard order (the first
+    ``max_samples`` samples when given). ``labels`` is None unless every sample has a
+    ``.cls``. ``stats`` (a dict, optional) receives ``num_samples``, ``num_labelled``,
+    ``skipped`` and ``shards``. Raises :class:`DataError` when there is no complete sample.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stats = {} if stats is None else stats
+    dev = next(model.parameters()).device if device is None else torch.device(device)
+    was_training = model.training
+    model.eval()
+    imgs, txts, labels = [], [], []
+    batch: list = []
+
+    def flush():
+        if not batch:
+            return
+        x = torch.stack([preprocess(_decode_image(k, b)) for k, b, _, _ in batch]).to(dev)
+        t = tokenizer([c for _, _, c, _ in batch]).to(dev)
+        fi = model.encode_image(x, normalize=True)
+        ft = model.encode_text(t, normalize=True)
+        imgs.append(fi.float().cpu().numpy())
+        txts.append(ft.float().cpu().numpy())
+        labels.extend(lbl for _, _, _, lbl in batch)
+        batch.clear()
+
+    try:
+        for sample in iter_shard_samples(pattern, stats):
+            if max_samples is not None and len(labels) + len(batch) >= max_samples:
+                break
+            batch.append(sample)
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    finally:
+        model.train(was_training)
+    n = len(labels)
+    stats["num_samples"] = n
+    stats["num_labelled"] = sum(lbl is not None for lbl in labels)
+    if n == 0:
+        raise DataError(f"no samples (image + txt caption) in {pattern}"
+                        + (f" ({stats['skipped']} incomplete samples skipped)" if stats.get("skipped") else ""))
+    img, txt = np.concatenate(imgs), np.concatenate(txts)
+    y = np.asarray(labels, dtype=np.int64) if stats["num_labelled"] == n else None
+    return img, txt, y
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _labels_note(labels, stats: dict) -> Optional[str]:
+    n = stats.get("num_samples")
+    if labels is None:
+        got = stats.get("num_labelled", 0)
+        if got == 0:
+            return "group metrics skipped: the shards have no .cls labels"
+        return f"group metrics skipped: only {got} of {n} samples have a .cls label"
+    if np.unique(labels).size < 2:
+        return "group metrics skipped: all samples have the same label (need >= 2 classes)"
+    return None
+
+
+def shift_diagnostic(img, txt, labels=None, alphas: Sequence[float] = DEFAULT_ALPHAS, k: Optional[int] = None,
+                     seed: int = 0) -> List[dict]:
+    """Liang et al. 2022 shift: metrics after :func:`metrics.shift_towards` for each alpha.
+
+    Rows ``{"alpha", "gap", "cos_true_pairs", "i2t_r1", "t2i_r1"[, "mixed_v_measure"]}``
+    (the V-measure of k-means on the mixed image+text set, when labels are given).
+    """
+    rows = []
+    for alpha in alphas:
+        a, b = M.shift_towards(img, txt, float(alpha))
+        row = {"alpha": float(alpha), "gap": M.modality_gap(a, b), "cos_true_pairs": M.cos_true_pairs(a, b)}
+        row.update(M.retrieval_recall(a, b, ks=(1,)))
+        if labels is not None:
+            y = np.asarray(labels)
+            row["mixed_v_measure"] = M.cluster_scores(np.concatenate([a, b]), np.concatenate([y, y]),
+                                                      k=k, seed=seed)["v_measure"]
+        rows.append(row)
+    return rows
+
+
+def evaluate_embeddings(img, txt, labels=None, *, seed: int = 0, k: Optional[int] = None, shift: bool = False,
+                        alphas: Sequence[float] = DEFAULT_ALPHAS) -> dict:
+    """``{"metrics": all_metrics(...)[, "shift": rows]}`` for precomputed embeddings.
+
+    ``labels`` with fewer than two classes are ignored (group metrics need two).
+    """
+    if labels is not None and np.unique(labels).size < 2:
+        labels = None
+    out = {"metrics": M.all_metrics(img, txt, labels, k=k, seed=seed)}
+    if shift:
+        out["shift"] = shift_diagnostic(img, txt, labels, alphas=alphas, k=k, seed=seed)
+    return out
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
+
+
+def default_label(pretrained: Optional[str], model_name: Optional[str] = None) -> str:
+    """A column name for a checkpoint: ``RUN/epoch_N`` for ``LOGS/RUN/checkpoints/epoch_N.pt``."""
+    src = pretrained or model_name or "model"
+    if src.startswith(LOCAL_DIR):
+        return Path(src[len(LOCAL_DIR):].rstrip("/")).name or "local-dir"
+    p = Path(src)
+    if p.parent.name == "checkpoints" and p.parent.parent.name:
+        return f"{p.parent.parent.name}/{p.stem}"
+    return p.stem or src
+
+
+def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], data, *, batch_size: int = 256,
+                        device=None, max_samples: Optional[int] = None, seed: int = 0, k: Optional[int] = None,
+                        shift: bool = False, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                        plots_dir=None, plot_method: str = "pca", label: Optional[str] = None) -> dict:
+    """Load one checkpoint, encode ``data`` and compute every measure.
+
+    Returns a JSON-serialisable dict: ``label``, ``model``, ``pretrained``, ``data``,
+    ``num_samples``, ``num_classes`` (None without labels), ``labels_used``, ``labels_note``
+    (why group metrics were skipped, else None), ``metrics`` (flat dict of floats),
+    ``shift`` (with ``shift=True``), ``plots`` (paths, with ``plots_dir``) and timings.
+    """
+    label = label or default_label(pretrained, model_name)
+    t0 = time.perf_counter()
+    model, preprocess, tokenizer = load_model(model_name, pretrained, device)
+    stats: dict = {}
+    img, txt, labels = encode_shards(model, preprocess, tokenizer, data, batch_size=batch_size,
+                                     device=next(model.parameters()).device, max_samples=max_samples, stats=stats)
+    t1 = time.perf_counter()
+    note = _labels_note(labels, stats)
+    used = labels if note is None else None
+    res = evaluate_embeddings(img, txt, used, seed=seed, k=k, shift=shift, alphas=alphas)
+    t2 = time.perf_counter()
+    out = {
+        "label": label,
+        "model": model_name,
+        "pretrained": pretrained,
+        "data": str(data),
+        "num_samples": int(img.shape[0]),
+        "embed_dim": int(img.shape[1]),
+        "num_classes": int(np.unique(labels).size) if labels is not None else None,
+        "labels_used": used is not None,
+        "labels_note": note,
+        "skipped_samples": int(stats.get("skipped", 0)),
+        **res,
+    }
+    if plots_dir is not None:
+        from . import plots
+
+        d = Path(plots_dir)
+        out["plots"] = {"embeddings": plots.plot_embeddings(
+            img, txt, labels, d / f"embeddings_{_safe(label)}.png", method=plot_method, seed=seed,
+            title=f"{label}: gap {out['metrics']['gap']:.3f}, {img.shape[0]} pairs")}
+        if shift:
+            out["plots"]["shift"] = plots.plot_shift_curve({label: out["shift"]}, d / f"shift_{_safe(label)}.png",
+                                                           title=f"{label}: shift along the gap")
+    out["seconds"] = {"load_and_encode": round(t1 - t0, 3), "metrics": round(t2 - t1, 3)}
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def format_metrics_table(results: Dict[str, dict]) -> str:
+    """One row per metric, one column per checkpoint (``{label: evaluate_checkpoint result}``)."""
+    labels = list(results)
+    keys: List[str] = []
+    for r in results.values():
+        keys += [k for k in r["metrics"] if k not in keys]
+    rows = [["samples"] + [str(results[c]["num_samples"]) for c in labels],
+            ["classes"] + [_fmt(results[c].get("num_classes")) for c in labels]]
+    rows += [[k] + [_fmt(results[c]["metrics"].get(k)) for c in labels] for k in keys]
+    out = _table(["metric"] + labels, rows)
+    notes = [f"note [{c}]: {results[c]['labels_note']}" for c in labels if results[c].get("labels_note")]
+    return out + ("\n" + "\n".join(notes) if notes else "")
+
+
+def format_shift_table(rows: List[dict], label: str = "") -> str:
+    """The shift diagnostic as a table, one row per alpha."""
+    cols: List[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    title = f"shift along the gap (Liang et al. 2022){': ' + label if label else ''}"
+    return title + "\n" + _table(cols, [[_fmt(r.get(c)) if c != "alpha" else f"{r['alpha']:+.2f}" for c in cols]
+                                        for r in rows])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parse_compare(entries: Sequence[str]) -> List[Tuple[str, str]]:
+    out = []
+    for e in entries:
+        name, sep, ckpt = e.partition("=")
+        if not sep or not name or not ckpt:
+            raise ValueError(f"--compare expects NAME=CKPT (CKPT a file or local-dir:PATH), got {e!r}")
+        out.append((name, ckpt))
+    return out
+
+
+def _alphas(text: str) -> List[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alphas expects comma-separated numbers, got {text!r}")
+    if not vals:
+        raise argparse.ArgumentTypeError("--alphas is empty")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m openclip_structure.evaluate",
+        description="Modality-gap and group-structure metrics of open_clip checkpoints on webdataset shards.",
+    )
+    p.add_argument("--model", help="open_clip model config name (e.g. structure-tiny); not needed for local-dir:")
+    p.add_argument("--pretrained", help="training checkpoint (epoch_N.pt), local-dir:PATH, or an open_clip tag")
+    p.add_argument("--label", help="column name for --pretrained (default: RUN/epoch_N or the file stem)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="NAME=CKPT",
+                   help="further checkpoints, one column each (CKPT a file or local-dir:PATH; same --model)")
+    p.add_argument("--data", required=True, help="webdataset shards, e.g. 'data/val/{00000..00001}.tar'")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N samples only")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means, CV folds and train/test splits")
+    p.add_argument("--k", type=int, default=None, help="k-means clusters (default: number of classes)")
+    p.add_argument("--shift", action="store_true", help="Liang et al. shift diagnostic over --alphas")
+    p.add_argument("--alphas", type=_alphas, default=list(DEFAULT_ALPHAS),
+                   help="comma-separated shift amounts, e.g. --alphas=-0.5,0,1 (write '=' when the list "
+                        "starts with a minus sign; default: -0.5,-0.25,...,1.5 in steps of 0.25)")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG figures to DIR")
+    p.add_argument("--plot-method", choices=("pca", "umap"), default="pca",
+                   help="2-D projection of the embedding plot (umap needs umap-learn; PCA otherwise)")
+    p.add_argument("--out", default=None, help="write all results (and this command) as JSON")
+    return p
+
+
+def _versions() -> dict:
+    import open_clip
+
+    return {"torch": torch.__version__, "open_clip": getattr(open_clip, "__version__", None),
+            "numpy": np.__version__, "python": sys.version.split()[0]}
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    """Evaluate every requested checkpoint; print tables; return the JSON document."""
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+    sources: List[Tuple[str, str]] = []
+    if args.pretrained or (args.model and args.model.startswith(LOCAL_DIR)):
+        sources.append((args.label or default_label(args.pretrained, args.model), args.pretrained))
+    sources += _parse_compare(args.compare)
+    if not sources:
+        raise ValueError("nothing to evaluate: pass --pretrained CKPT and/or --compare NAME=CKPT ...")
+    seen, unique = set(), []
+    for label, ckpt in sources:
+        base, i = label, 2
+        while label in seen:
+            label, i = f"{base}#{i}", i + 1
+        seen.add(label)
+        unique.append((label, ckpt))
+
+    results: Dict[str, dict] = {}
+    for label, ckpt in unique:
+        print(f"[{label}] evaluating {ckpt or args.model} on {args.data}", file=sys.stderr, flush=True)
+        results[label] = evaluate_checkpoint(
+            args.model, ckpt, args.data, batch_size=args.batch_size, device=args.device,
+            max_samples=args.max_samples, seed=args.seed, k=args.k, shift=args.shift, alphas=args.alphas,
+            plots_dir=args.plots, plot_method=args.plot_method, label=label)
+
+    print(format_metrics_table(results))
+    if args.shift:
+        for label, r in results.items():
+            print()
+            print(format_shift_table(r["shift"], label))
+    if args.plots and args.shift and len(results) > 1:
+        from . import plots
+
+        plots.plot_shift_curve({lbl: r["shift"] for lbl, r in results.items()},
+                               Path(args.plots) / "shift_curve.png", title="shift along the gap")
+    doc = {
+        "command": "python -m openclip_structure.evaluate " + shlex.join(list(argv)),
+        "argv": list(argv),
+        "args": {k: v for k, v in vars(args).items()},
+        "cwd": os.getcwd(),
+        "versions": _versions(),
+        "checkpoints": results,
+    }
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+        print(f"\nwrote {out}", file=sys.stderr)
+    if args.plots:
+        print(f"plots in {args.plots}", file=sys.stderr)
+    return doc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args, argv)
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The main job: train a small CLIP from scratch on real bundled images once per method, then
+measure the modality gap and group-level structure of every checkpoint and print one table.
+
+    python scripts/demo.py            # default: all methods x 3 seeds, ~15 min on 2 CPU cores
+    python scripts/demo.py --quick    # 1 seed, a short budget: a ~2-3 minute end-to-end check
+    python scripts/demo.py --device cuda   # the same experiment, scaled up, on a GPU
+
+Data: scikit-learn's 1,797 handwritten digits (8x8, upscaled to 32x32) with captions from varied
+templates, written as webdataset shards (train/val, ``<key>.cls`` labels). Training goes through
+``python -m openclip_structure.main`` (open_clip's own training loop) with identical seeds and
+budget for every method. Outputs (in --out): shards, one run folder per method and seed,
+``results.json``, ``results.md`` (the table) and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+# method name -> plugin flags (weights: the papers' published values where they exist)
+METHODS = {
+    "baseline": [],
+    "gap": ["--gap-atp-weight", "1", "--gap-cu-weight", "1"],
+    "gc": ["--gc-weight", "0.25"],
+    "gc_aug": ["--gc-aug-weight", "0.25"],
+    "bridge": ["--bridge-weight", "1"],
+    "separation": ["--sep-weight", "1"],
+}
+# the columns of the printed table: (metrics key, header)
+COLUMNS = [
+    ("gap", "gap"), ("cos_true_pairs", "cos pairs"), ("separability", "separab."),
+    ("i2t_r1", "R@1 i2t"), ("t2i_r1", "R@1 t2i"), ("mixed_v_measure", "mixed V"),
+    ("mixed_nmi", "mixed NMI"), ("mixed_ari", "mixed ARI"), ("image_v_measure", "image V"),
+    ("text_v_measure", "text V"),
+]
+SIZES = {
+    #           epochs, batch, train samples, seeds
+    "default": dict(epochs=6, batch=64, samples=1344, seeds=3),
+    "quick": dict(epochs=1, batch=64, samples=640, seeds=1),
+    "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3),
+}
+
+
+def available_methods():
+    """Methods whose flags this version of the plugin has (all combined as 'all')."""
+    from openclip_structure import flags
+
+    parser = flags.add_arguments(argparse.ArgumentParser())
+    known = set(parser._option_string_actions)
+    methods = {m: f for m, f in METHODS.items() if all(a in known for a in f if a.startswith("--"))}
+    combined = [a for m, f in methods.items() if m != "baseline" for a in f]
+    if len(methods) > 2:
+        methods["all"] = combined
+    return methods
+
+
+def make_data(out_dir):
+    from openclip_structure.shards import digits_samples, write_dataset
+
+    info_path = os.path.join(out_dir, "dataset.json")
+    if os.path.exists(info_path):
+        return json.load(open(info_path))
+    print(f"[demo] writing digits shards to {out_dir}", flush=True)
+    return write_dataset(digits_samples(image_size=32, seed=0), out_dir, val_fraction=0.25,
+                         train_shards=8, val_shards=2, seed=0)
+
+
+def train(method, flags, seed, data, size, out_dir, device):
+    name = f"{method}-seed{seed}"
+    ckpt = os.path.join(out_dir, name, "checkpoints", f"epoch_{size['epochs']}.pt")
+    if os.path.exists(ckpt):
+        print(f"[demo] {name}: reusing {ckpt}", flush=True)
+        return ckpt
+    if os.path.exists(os.path.join(out_dir, name)):  # an interrupted run: start it again
+        import shutil
+        shutil.rmtree(os.path.join(out_dir, name))
+    argv = [sys.executable, "-m", "openclip_structure.main", "--",
+            "--train-data", data["train"]["pattern"], "--dataset-type", "webdataset",
+            "--train-num-samples", str(size["samples"]), "--model", "structure-tiny",
+            "--batch-size", str(size["batch"]), "--epochs", str(size["epochs"]), "--lr", "2e-3",
+            "--warmup", "20", "--wd", "0.1", "--workers", "1", "--seed", str(seed),
+            "--logs", out_dir, "--name", name, "--log-every-n-steps", "5", "--report-to", "tensorboard",
+            "--precision", "amp" if device == "cuda" else "fp32"] + flags
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    start = time.time()
+    print(f"[demo] training {name} ({size['epochs']} epochs) {' '.join(flags)}", flush=True)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(ckpt):
+        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
+        raise SystemExit(f"[demo] training {name} failed (exit {proc.returncode}); log above")
+    print(f"[demo]   done in {time.time() - start:.0f}s", flush=True)
+    return ckpt
+
+
+def evaluate(ckpt, data, device):
+    from openclip_structure.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint("structure-tiny", ckpt, data["val"]["pattern"], device=device, seed=0)
+    return res["metrics"]
+
+
+def summarise(per_method):
+    """{method: {metric: (mean, std, n)}} over seeds."""
+    out = {}
+    for method, runs in per_method.items():
+        out[method] = {}
+        for key, _ in COLUMNS:
+            vals = np.array([r[key] for r in runs if key in r], dtype=float)
+            if vals.size:
+                out[method][key] = (float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
+                                    int(vals.size))
+    return out
+
+
+def table(summary, seeds):
+    head = ["method"] + [h for _, h in COLUMNS]
+    rows = []
+    for method, stats in summary.items():
+        cells = [method]
+        for key, _ in COLUMNS:
+            if key not in stats:
+                cells.append("-")
+                continue
+            mean, std, n = stats[key]
+            cells.append(f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    note = f"mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else f"seed {seeds[0]}"
+    return "\n".join([line(head), sep] + [line(r) for r in rows]), note
+
+
+def plots(ckpts, data, out_dir, device):
+    from openclip_structure import plots as P
+    from openclip_structure.evaluate import encode_shards, load_model
+
+    written = []
+    for method in ("baseline", "gap"):
+        if method not in ckpts:
+            continue
+        model, preprocess, tok = load_model("structure-tiny", ckpts[method], device)
+        img, txt, labels = encode_shards(model, preprocess, tok, data["val"]["pattern"])
+        path = os.path.join(out_dir, f"embeddings_{method}.png")
+        P.plot_embeddings(img, txt, labels, path, title=f"{method}: val embeddings (PCA)")
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, 1 epoch on 640 samples: a short check")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+    size = SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")]
+    out_dir = os.path.abspath(args.out + ("-quick" if args.quick else ""))
+    os.makedirs(out_dir, exist_ok=True)
+    seeds = args.seeds or list(range(size["seeds"]))
+    methods = available_methods()
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            raise SystemExit(f"unknown or unavailable methods {unknown}; available: {sorted(methods)}")
+        methods = {m: methods[m] for m in args.methods}
+
+    start = time.time()
+    data = make_data(os.path.join(out_dir, "data"))
+    results, first_ckpt = {}, {}
+    total = len(methods) * len(seeds)
+    for i, (method, flags) in enumerate(methods.items()):
+        for j, seed in enumerate(seeds):
+            print(f"[demo] run {i * len(seeds) + j + 1}/{total}", flush=True)
+            ckpt = train(method, flags, seed, data, size, out_dir, args.device)
+            results.setdefault(method, []).append(evaluate(ckpt, data, args.device))
+            first_ckpt.setdefault(method, ckpt)
+    summary = summarise(results)
+    text, note = table(summary, seeds)
+    pngs = plots(first_ckpt, data, out_dir, args.device)
+    cmd = "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = (f"Validation set: {data['val']['num_samples']} digit image/caption pairs, 10 classes; "
+          f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
+          f"model structure-tiny; {note}.\n\n{text}\n\nProduced by `{cmd.strip()}` "
+          f"in {time.time() - start:.0f}s.\n")
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"size": size, "seeds": seeds, "methods": methods, "runs": results,
+                   "summary": summary, "plots": pngs, "command": cmd.strip()}, f, indent=1)
+    print("\n" + md)
+    print(f"[demo] wrote {out_dir}/results.md, results.json and {', '.join(os.path.basename(x) for x in pngs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
