@@ -42,7 +42,8 @@ class FeatureBatch:
     open_clip's ClipLoss).
     """
 
-    def __init__(self, local: Mapping[str, torch.Tensor], rank: int = 0, world_size: int = 1):
+    def __init__(self, local: Mapping[str, torch.Tensor], rank: int = 0, world_size: int = 1,
+                 logit_scale: Optional[torch.Tensor] = None):
         if not local:
             raise ValueError("FeatureBatch needs at least one embedding tensor")
         self.local: Dict[str, torch.Tensor] = dict(local)
@@ -61,6 +62,8 @@ class FeatureBatch:
         self.n_local = n
         self.n_global = n * world_size
         self.offset = rank * n
+        #: the CLIP logit scale (exp of the learnt log-scale) for terms that share its temperature
+        self.logit_scale = logit_scale
         self._cols: Dict[str, torch.Tensor] = {}
 
     def rows(self, key: str) -> torch.Tensor:
