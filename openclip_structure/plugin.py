@@ -1,0 +1,126 @@
+"""openclip-structure as an open_clip_train plugin (entry-point group ``open_clip_train.plugins``).
+
+With open_clip_train's generic plugin hook in place (``patches/open_clip_train-3.x-plugins.patch``,
+applied by ``python scripts/apply_open_clip_patch.py``) the plain entrypoint trains with the plugin::
+
+    python -m open_clip_train.main ... --gap-atp-weight 1
+    torchrun --nproc_per_node N -m open_clip_train.main ... --gap-atp-weight 1
+
+exactly like ``python -m openclip_structure.main ...``. Without the patch nothing calls this module.
+The hooks (see the patch's ``open_clip_train/plugins.py``):
+
+* ``add_arguments(parser)``: the plugin's flag group; also registers the bundled model configs
+  (``--model structure-tiny``);
+* ``validate(args, parser)``: :func:`openclip_structure.flags.validate`, ``parser.error`` on a
+  :class:`~openclip_structure.flags.FlagError`;
+* ``wrap_create_loss(create_loss)``: :func:`openclip_structure.factory.create_loss` on top of
+  open_clip's own ``create_loss``;
+* ``install(args)``: the launcher's other run-time patches (:func:`openclip_structure.main.installed`:
+  model preparation, ``--fixed-temperature``, LR-schedule progress, CPU DDP, validation metrics,
+  two views, separation heads in checkpoints) on the running ``open_clip_train.main`` module,
+  without its ``parse_args``/``create_loss`` patches (the two hooks above do that).
+
+When the launcher itself runs on a patched open_clip_train (``python -m openclip_structure.main``),
+these hooks stand aside: the launcher already does all of it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import inspect
+import os
+import sys
+from types import ModuleType
+
+import torch
+
+from . import factory, flags
+from . import main as launcher
+from .distributed import CPUFriendlyDDP
+from .schedule import PROGRESS
+
+TRAIN_MODULE = "open_clip_train.main"
+
+_installing = False  # install() below has launcher.installed() entered
+
+
+def launcher_active() -> bool:
+    """Whether :func:`openclip_structure.main.installed` is in effect, entered by the launcher
+    (``python -m openclip_structure.main``) rather than by :func:`install`."""
+    return torch.nn.parallel.DistributedDataParallel is CPUFriendlyDDP and not _installing
+
+
+def training_module() -> ModuleType:
+    """The ``open_clip_train.main`` module whose ``main()`` runs: ``__main__`` under
+    ``python -m open_clip_train.main`` (also via torchrun) or ``python .../open_clip_train/main.py``,
+    otherwise the imported module (``open_clip_train.main.main(argv)`` called from code)."""
+    top = sys.modules.get("__main__")
+    spec = getattr(top, "__spec__", None)
+    if spec is not None and spec.name == TRAIN_MODULE:
+        return top
+    found = importlib.util.find_spec(TRAIN_MODULE)
+    path = getattr(top, "__file__", None)
+    if spec is None and path and found is not None and found.origin and \
+            os.path.realpath(path) == os.path.realpath(found.origin):
+        return top
+    import open_clip_train.main as ocm
+    return ocm
+
+
+def add_arguments(parser) -> None:
+    launcher.register_model_configs()
+    if not launcher_active():  # the launcher adds the group itself
+        flags.add_arguments(parser)
+
+
+def validate(args, parser) -> None:
+    if launcher_active():
+        return
+    try:
+        flags.validate(args)
+    except flags.FlagError as e:
+        parser.error(str(e))
+
+
+def wrap_create_loss(create_loss):
+    if launcher_active():  # ``create_loss`` already is the launcher's
+        return create_loss
+
+    @functools.wraps(create_loss)
+    def create_structure_loss(args):
+        return factory.create_loss(args, base_factory=create_loss, progress=PROGRESS)
+
+    return create_structure_loss
+
+
+def install(args):
+    """The launcher's run-time patches for this run, or None when the launcher runs."""
+    if launcher_active():
+        return None
+    return _installed(training_module(), args)
+
+
+@contextlib.contextmanager
+def _installed(ocm: ModuleType, args):
+    global _installing
+    real = {"parse_args": ocm.parse_args, "create_loss": ocm.create_loss}
+    _installing = True
+    try:
+        if "args" in inspect.signature(launcher.installed).parameters:
+            # installed(ocm, args=...): arguments already parsed, parse_args/create_loss left alone
+            with launcher.installed(ocm, args=args):
+                yield
+            return
+        # installed(ocm) wraps ocm.parse_args to record the parsed args its other patches read,
+        # and ocm.create_loss. Give it a stand-in parse_args that returns the already parsed args
+        # (nothing is parsed twice), call it once, then put the real functions back: the hooks
+        # above add and check the flags, and wrap create_loss.
+        ocm.parse_args = lambda argv: args
+        with launcher.installed(ocm):
+            ocm.parse_args([])
+            ocm.parse_args, ocm.create_loss = real["parse_args"], real["create_loss"]
+            yield
+    finally:
+        _installing = False
+        ocm.parse_args, ocm.create_loss = real["parse_args"], real["create_loss"]
