@@ -18,11 +18,52 @@ from torch import nn
 
 from .distributed import FeatureBatch, distributed_context, reduce_statistics
 from .flags import regularizers_enabled
-from .losses import AlignTruePairs, CentroidUniformity, ModalityUniformity, RegularizerTerm
+from .losses import (AlignTruePairs, AugmentedGeometricConsistency, BrownianBridge, CentroidUniformity,
+                     GeometricConsistency, InModalContrastive, ModalityUniformity, RegularizerTerm,
+                     SeparationInModalContrast, SeparationOrthogonality, SeparationUniformity)
 from .schedule import GAP_RAMP_KNOTS, PROGRESS, PiecewiseLinear, TrainingProgress, constant
 
 #: keys of open_clip's model output that hold the two modalities' embeddings
 FEATURE_KEYS = {"image": "image_features", "text": "text_features"}
+#: every other ``<key>_features`` tensor of the model output (except ``dist_*``) is passed to the
+#: terms as ``<key>`` (``image_aug_features`` -> ``image_aug``); without text augmentation the
+#: augmented text IS the text:
+FEATURE_ALIASES = {"text_aug": "text", "text_aug_ind": "text_ind"}
+
+
+class MissingFeaturesError(ValueError):
+    """A term needs embeddings (augmented views, independent features) the model did not return."""
+
+
+def extra_feature_keys(model_out: Dict[str, object]) -> Dict[str, torch.Tensor]:
+    """``{"image_aug": ..., "text_ind": ...}`` from extra ``*_features`` model-output tensors."""
+    return {k[:-len("_features")]: v for k, v in model_out.items()
+            if k.endswith("_features") and not k.startswith("dist_") and k not in FEATURE_KEYS.values()
+            and isinstance(v, torch.Tensor)}
+
+
+def term_inputs(features: Dict[str, torch.Tensor], terms) -> Dict[str, torch.Tensor]:
+    """The embeddings the given terms read, with :data:`FEATURE_ALIASES` applied; raises
+    :class:`MissingFeaturesError` naming the terms and the model-output keys they lack."""
+    out, missing = {}, {}
+    for term in terms:
+        for key in term.keys:
+            if key in out:
+                continue
+            if features.get(key) is not None:
+                out[key] = features[key]
+            elif key in FEATURE_ALIASES and features.get(FEATURE_ALIASES[key]) is not None:
+                out[key] = features[FEATURE_ALIASES[key]]
+            else:
+                missing.setdefault(f"{key}_features", []).append(term.name)
+    if missing:
+        need = "; ".join(f"{k} (for {', '.join(dict.fromkeys(v))})" for k, v in missing.items())
+        raise MissingFeaturesError(
+            f"openclip-structure: the model output lacks {need}. Augmented views come from the launcher's "
+            f"two-view train preprocess and model-forward wrapper, *_ind_features from the separation heads "
+            f"it attaches with --sep-weight: train with `python -m openclip_structure.main ...` (or "
+            f"torchrun -m openclip_structure.main), not `open_clip_train.main`.")
+    return out
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +88,22 @@ def build_terms(args) -> List[Tuple[RegularizerTerm, PiecewiseLinear]]:
     if args.gap_cu_weight > 0:
         cls = CentroidUniformity if args.gap_uniformity == "centroid" else ModalityUniformity
         terms.append((cls(t=args.gap_uniformity_t), schedule("gap_cu", args.gap_cu_weight)))
+    # latent modality structures (Jiang et al., CVPR 2023) and CyCLIP's in-modal terms: constant weights
+    if getattr(args, "gc_weight", 0) > 0:
+        terms.append((GeometricConsistency(), constant(args.gc_weight)))
+    if getattr(args, "gc_aug_weight", 0) > 0:
+        terms.append((AugmentedGeometricConsistency(), constant(args.gc_aug_weight)))
+    if getattr(args, "bridge_weight", 0) > 0:
+        t = getattr(args, "bridge_t", 0.25)
+        # same seed on every rank: the per-sample t of the global batch equals one process's draws
+        seed = int(getattr(args, "seed", 0) or 0) if t == "uniform" else None
+        terms.append((BrownianBridge(t=t, seed=seed), constant(args.bridge_weight)))
+    if getattr(args, "sep_weight", 0) > 0:
+        for term in (SeparationOrthogonality(), SeparationInModalContrast(temperature=args.sep_temperature),
+                     SeparationUniformity()):
+            terms.append((term, constant(args.sep_weight)))
+    if getattr(args, "inmodal_weight", 0) > 0:
+        terms.append((InModalContrastive(), constant(args.inmodal_weight)))
     return terms
 
 
@@ -56,6 +113,10 @@ class StructureLoss(nn.Module):
     Called exactly like open_clip's losses (``loss(**model_out, output_dict=True)``). The terms
     run in float32 outside autocast, share one gather and one all-reduce per call (see
     :mod:`openclip_structure.distributed`), and are exact under DDP/FSDP and ``--accum-freq``.
+    Besides ``image_features``/``text_features`` the terms read every other ``<key>_features``
+    tensor of the model output (not ``dist_*``) as ``<key>`` (``image_aug``, ``text_ind``, ...; see
+    :mod:`openclip_structure.views`), with ``text_aug`` = ``text`` when the text is not augmented,
+    and the step's ``logit_scale`` (``inmodal``).
     """
 
     def __init__(
@@ -97,29 +158,40 @@ class StructureLoss(nn.Module):
             out = {"contrastive_loss": out}
         out = dict(out)
         features = {m: inputs[k] for m, k in FEATURE_KEYS.items()}
-        out.update(self.regularizer_losses(features))
+        features.update(extra_feature_keys(kwargs))
+        out.update(self.regularizer_losses(features, logit_scale=logit_scale))
         if self.nonfinite != "off":
             self._check_finite(out, features)
         return out if output_dict else sum(out.values())
 
-    def regularizer_losses(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def regularizer_losses(self, features: Dict[str, torch.Tensor],
+                           logit_scale: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """``{name}_loss`` of every term (weighted), computed in float32 (float64 inputs stay
-        float64) on the gathered batch."""
+        float64) on the gathered batch. ``features`` maps FeatureBatch keys ("image", "text",
+        "image_aug", "text_ind", ...) to local ``[B, D]`` embeddings; ``logit_scale`` (the CLIP
+        logit scale) is passed on for terms that share its temperature (``inmodal``)."""
         if len(self.terms) == 0:
             return {}
         ref = next(iter(features.values()))
-        shapes = {k: tuple(v.shape) for k, v in features.items()}
-        if len(set(shapes.values())) != 1:
-            raise ValueError(f"openclip-structure: embeddings must have the same [batch, dim] shape, got {shapes}")
         weights = self.weights()
         active = [t for t in self.terms if weights[t.name] != 0.0]
+        used = term_inputs(features, self.terms)
+        shapes = {k: tuple(v.shape) for k, v in used.items()}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"openclip-structure: embeddings must have the same [batch, dim] shape, got {shapes}")
         losses = {f"{t.name}_loss": ref.new_zeros((), dtype=torch.float32) for t in self.terms}
         if not active:
             return losses
         autocast_off = (torch.autocast(ref.device.type, enabled=False)
                         if ref.device.type in ("cuda", "cpu", "xpu") else contextlib.nullcontext())
         with autocast_off:
-            batch = FeatureBatch({k: _at_least_float32(v) for k, v in features.items()}, self.rank, self.world_size)
+            converted: Dict[int, torch.Tensor] = {}  # keep aliases (text_aug is text) the same tensor
+            for v in used.values():
+                if id(v) not in converted:
+                    converted[id(v)] = _at_least_float32(v)
+            local = {k: converted[id(v)] for k, v in used.items()}
+            scale = None if logit_scale is None else _at_least_float32(torch.as_tensor(logit_scale))
+            batch = FeatureBatch(local, self.rank, self.world_size, logit_scale=scale)
             stats = reduce_statistics([t.statistics(batch) for t in active], self.world_size)
             for term, s in zip(active, stats):
                 losses[f"{term.name}_loss"] = weights[term.name] * term.finalize(s)
@@ -130,7 +202,7 @@ class StructureLoss(nn.Module):
         if bool(torch.isfinite(values).all()):
             return
         bad = [k for k, v in out.items() if not bool(torch.isfinite(v.detach()).all())]
-        inputs = [f"{FEATURE_KEYS.get(k, k)} has {int((~torch.isfinite(v.detach())).sum())} non-finite values"
+        inputs = [f"{FEATURE_KEYS.get(k, k + '_features')} has {int((~torch.isfinite(v.detach())).sum())} non-finite values"
                   for k, v in features.items() if not bool(torch.isfinite(v.detach()).all())]
         msg = (f"openclip-structure: non-finite loss term(s) {', '.join(bad)} at step {self.progress.step} "
                f"(rank {self.rank}); " + ("; ".join(inputs) if inputs else "the input embeddings are finite")

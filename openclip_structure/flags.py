@@ -161,6 +161,10 @@ def validate(args) -> None:
                 args.dataset_type == "auto" and ".tar" not in args.val_data):
             raise FlagError("--val-structure-metrics all reads labels from webdataset validation shards "
                             f"(<key>.cls); --val-data {args.val_data} is not webdataset (use 'gap')")
+        from .validation import first_sample_problem
+        problem = first_sample_problem(args.val_data)
+        if problem:
+            raise FlagError(f"--val-structure-metrics all: {problem} (use 'gap', or add a <key>.cls label)")
     if getattr(args, "text_aug", "none") != "none" and not views_enabled(args):
         raise FlagError(f"--text-aug {args.text_aug} only feeds the two-view regularizers: set --gc-aug-weight, "
                         "--bridge-weight, --sep-weight or --inmodal-weight > 0 (or drop --text-aug)")

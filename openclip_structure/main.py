@@ -12,7 +12,11 @@ This is the only place that patches open_clip_train. While :func:`main` runs it
 * applies ``--fixed-temperature`` to the created model (logit scale frozen at 1/T);
 * lets DistributedDataParallel run on CPU (open_clip 3.x passes ``device_ids=[cpu]``);
 * adds the gap (and optionally group-level) metrics to ``--val-data`` validation
-  (:mod:`openclip_structure.validation`).
+  (:mod:`openclip_structure.validation`);
+* with the two-view regularizers, wraps the train preprocess / train tokenizer and the model's
+  forward (:mod:`openclip_structure.views`); with ``--sep-weight``, attaches the separation heads,
+  saves them as ``checkpoint["structure_heads"]`` (``torch.save`` wrapper, training-checkpoint
+  dicts only) and restores them on ``--resume`` (``pt_load`` wrapper) (:mod:`openclip_structure.heads`).
 
 Everything is restored when :func:`main` returns.
 """
@@ -28,8 +32,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import factory, flags
+from . import factory, flags, views
 from .distributed import CPUFriendlyDDP
+from .heads import CheckpointHooks
 from .schedule import PROGRESS
 from .validation import ValidationHook
 
@@ -92,8 +97,10 @@ def installed(ocm=None):
     state = {}
     orig = {name: getattr(ocm, name) for name in
             ("parse_args", "create_loss", "create_model_and_transforms", "evaluate", "cosine_lr",
-             "const_lr", "const_lr_cooldown")}
+             "const_lr", "const_lr_cooldown", "pt_load", "get_data")}
     orig_ddp = torch.nn.parallel.DistributedDataParallel
+    orig_save = torch.save
+    ckpt_hooks = CheckpointHooks()  # separation heads <-> checkpoint["structure_heads"]
 
     import open_clip_train.train as oct
     hook = ValidationHook()
@@ -111,6 +118,10 @@ def installed(ocm=None):
             hook.preprocess_val = out[2]
             if args.fixed_temperature is not None:
                 _fix_temperature(out[0], args.fixed_temperature)
+            # two views + separation heads (raises UnsupportedModelError before training)
+            preprocess_train, ckpt_hooks.heads = views.prepare_model(args, model_name, out[0], out[1])
+            ckpt_hooks.model = out[0]
+            out = (out[0], preprocess_train) + tuple(out[2:])
         return out
 
     def create_loss(args):
@@ -120,10 +131,13 @@ def installed(ocm=None):
     patches = dict(parse_args=parse_args, create_loss=create_loss,
                    create_model_and_transforms=create_model_and_transforms,
                    evaluate=hook.wrap_evaluate(orig["evaluate"]),
+                   pt_load=ckpt_hooks.wrap_pt_load(orig["pt_load"]),
+                   get_data=views.wrap_get_data(orig["get_data"], lambda: state.get("args")),
                    **{k: _wrap_scheduler(orig[k]) for k in ("cosine_lr", "const_lr", "const_lr_cooldown")})
     for k, v in patches.items():
         setattr(ocm, k, v)
     torch.nn.parallel.DistributedDataParallel = CPUFriendlyDDP
+    torch.save = ckpt_hooks.wrap_save(orig_save)
     oct.get_clip_metrics = hook.wrap_get_clip_metrics(orig_metrics)
     try:
         yield ocm
@@ -131,6 +145,7 @@ def installed(ocm=None):
         for k, v in orig.items():
             setattr(ocm, k, v)
         torch.nn.parallel.DistributedDataParallel = orig_ddp
+        torch.save = orig_save
         oct.get_clip_metrics = orig_metrics
 
 
@@ -140,7 +155,18 @@ def main(argv: Optional[List[str]] = None):
         argv = argv[1:]
     register_model_configs()
     with installed() as ocm:
-        return ocm.main(argv)
+        result = ocm.main(argv)
+    _shutdown_process_group()
+    return result
+
+
+def _shutdown_process_group() -> None:
+    """open_clip_train never destroys its process group; do it once every rank is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

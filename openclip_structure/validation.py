@@ -44,6 +44,19 @@ def gap_val_metrics(image_features: torch.Tensor, text_features: torch.Tensor) -
     return {name: float(fn(img, txt)) for name, fn in LABEL_FREE.items()}
 
 
+def first_sample_problem(pattern) -> str:
+    """'' if the first validation sample of ``pattern`` has an image, a caption and a .cls
+    label; else what is wrong (checked before training, so a run does not fail hours later)."""
+    from .evaluate import iter_shard_samples
+
+    try:
+        for _key, _image, _caption, label in iter_shard_samples(pattern):
+            return "" if label is not None else f"the first sample of {pattern} has no .cls label"
+        return f"no complete sample (image + txt) in {pattern}"
+    except Exception as e:  # noqa: BLE001 - reported as a flag error
+        return f"cannot read {pattern}: {e}"
+
+
 def _val_runs_this_epoch(data, epoch, args) -> bool:  # the condition open_clip's evaluate uses
     return "val" in data and bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
 
@@ -83,17 +96,23 @@ class ValidationHook:
         return evaluate
 
     def group_metrics(self, model, args, tokenizer) -> Dict[str, float]:
+        """Group metrics from a labelled pass over the validation shards. Never raises: a
+        problem with the data (missing labels, an unreadable shard) is logged and the group
+        metrics are skipped for this evaluation, so a long run is not lost at its validation."""
         from .evaluate import encode_shards
 
         start = time.perf_counter()
         model = getattr(model, "module", model)
-        with torch.inference_mode():
-            img, txt, labels = encode_shards(model, self.preprocess_val, tokenizer, args.val_data,
-                                             batch_size=args.batch_size, device=args.device)
-        if labels is None:
-            raise ValueError(f"--val-structure-metrics all needs a .cls class label on every validation "
-                             f"sample of {args.val_data}; some samples have none (use 'gap' instead)")
-        out = {k: v for k, v in metrics.group_metrics(img, txt, labels).items()}
+        try:
+            with torch.inference_mode():
+                img, txt, labels = encode_shards(model, self.preprocess_val, tokenizer, args.val_data,
+                                                 batch_size=args.batch_size, device=args.device)
+            if labels is None:
+                raise ValueError(f"some validation samples of {args.val_data} have no .cls label")
+            out = dict(metrics.group_metrics(img, txt, labels))
+        except Exception as e:  # noqa: BLE001 - logged, training goes on
+            logging.error(f"openclip-structure: group metrics skipped this evaluation: {e}")
+            return {}
         logging.info(f"openclip-structure: group metrics on {len(labels)} labelled validation pairs "
                      f"(extra pass) in {time.perf_counter() - start:.1f}s")
         return out

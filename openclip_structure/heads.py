@@ -1,0 +1,196 @@
+"""The independent heads of deep feature separation (Jiang et al., CVPR 2023, arXiv 2303.05952)
+as extra trainable parameters of an open_clip model, and their checkpointing.
+
+* :func:`attach_heads` adds ``model.structure_heads`` (an ``nn.ModuleDict`` with one
+  :class:`~openclip_structure.losses.IndependentHead` per tower). Being a submodule, the heads are
+  in ``model.named_parameters()``: open_clip's AdamW puts their 2-D ``proj`` matrices in the
+  weight-decay group (like ``visual.proj`` / ``text_projection``) and DDP broadcasts and
+  all-reduces them. They are kept OUT of ``model.state_dict()`` (a state-dict post hook drops
+  ``*structure_heads.*``) so ``open_clip.create_model(name, pretrained=ckpt)`` still loads the
+  checkpoint strictly, and a load-state-dict post hook forgives their absence, so
+  ``model.load_state_dict(sd)`` stays strict for everything else.
+* :class:`CheckpointHooks` stores the heads under their own top-level checkpoint key
+  ``structure_heads`` (wrapping ``torch.save`` for open_clip's training-checkpoint dicts) and
+  restores them on ``--resume`` (wrapping open_clip_train's ``pt_load``).
+* :func:`check_separation_support` refuses models whose towers the heads cannot attach to.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from .flags import FlagError
+from .losses import IndependentHead
+
+#: attribute of the model and top-level key of the checkpoint that hold the heads
+HEADS_KEY = "structure_heads"
+
+
+class UnsupportedModelError(FlagError):
+    """The model's towers cannot carry what the requested regularizer needs."""
+
+
+def _tower_name(module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def check_separation_support(model: nn.Module, model_name: str = "?") -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is an ``open_clip.model.CLIP`` whose
+    image tower is open_clip's own ``VisionTransformer`` and whose text tower is the built-in text
+    transformer, both with a projection (the heads read the pooled output that feeds it)."""
+    from open_clip.model import CLIP
+    from open_clip.transformer import VisionTransformer
+
+    why = None
+    if type(model) is not CLIP:
+        text = getattr(model, "text", None)
+        detail = f" (text tower {_tower_name(text)})" if text is not None else ""
+        why = f"it is a {_tower_name(model)}{detail}, not open_clip.model.CLIP with the built-in text transformer"
+    elif not isinstance(model.visual, VisionTransformer):
+        why = f"its image tower is {_tower_name(model.visual)}, not open_clip's VisionTransformer"
+    elif getattr(model.visual, "proj", None) is None:
+        why = "its VisionTransformer has no output projection (proj_type 'none')"
+    elif getattr(model, "text_projection", None) is None:
+        why = "its text tower has no text_projection"
+    elif getattr(model.visual, "output_tokens", False):
+        why = "its VisionTransformer returns tokens (output_tokens=True)"
+    if why is not None:
+        raise UnsupportedModelError(
+            f"--sep-weight (deep feature separation) is not supported for model '{model_name}': {why}. "
+            "Separation attaches an independent head to the pooled output that feeds the shared "
+            "projection, which the plugin supports only for open_clip's own VisionTransformer image "
+            "tower and built-in text transformer (open_clip.model.CLIP, e.g. ViT-B-32, structure-tiny); "
+            "ResNet (ModifiedResNet), timm and Hugging Face towers, CustomTextCLIP and CoCa are refused.")
+
+
+def tower_widths(model: nn.Module) -> Dict[str, int]:
+    """Width of the pooled backbone output that feeds each tower's shared projection."""
+    tp = model.text_projection
+    text_width = tp.in_features if isinstance(tp, nn.Linear) else tp.shape[0]
+    return {"image": int(model.visual.proj.shape[0]), "text": int(text_width)}
+
+
+def embed_dim(model: nn.Module) -> int:
+    return int(model.visual.proj.shape[1])
+
+
+def _drop_heads_from_state_dict(module, state_dict, prefix, local_metadata) -> None:
+    start = prefix + HEADS_KEY + "."
+    for k in [k for k in state_dict if k.startswith(start)]:
+        del state_dict[k]
+
+
+def _is_head_key(key: str) -> bool:
+    return key.startswith(HEADS_KEY + ".") or f".{HEADS_KEY}." in key
+
+
+def _forgive_missing_heads(module, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_head_key(k)]
+
+
+def attach_heads(model: nn.Module, model_name: str = "?") -> nn.ModuleDict:
+    """Attach (once) and return ``model.structure_heads`` = {"image": head, "text": head}."""
+    heads = getattr(model, HEADS_KEY, None)
+    if heads is not None:
+        return heads
+    check_separation_support(model, model_name)
+    widths, dim = tower_widths(model), embed_dim(model)
+    ref = model.visual.proj
+    heads = nn.ModuleDict({m: IndependentHead(widths[m], dim, dtype=ref.dtype, device=ref.device)
+                           for m in ("image", "text")})
+    setattr(model, HEADS_KEY, heads)  # a submodule: optimizer, DDP, .to(), .train() see it
+    model.register_state_dict_post_hook(_drop_heads_from_state_dict)
+    model.register_load_state_dict_post_hook(_forgive_missing_heads)
+    return heads
+
+
+def heads_state(heads: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in heads.state_dict().items()}
+
+
+def _last_group_ids(opt_sd) -> Optional[list]:
+    groups = opt_sd.get("param_groups") if isinstance(opt_sd, dict) else None
+    return groups[-1]["params"] if groups else None
+
+
+class CheckpointHooks:
+    """Saves the heads under ``checkpoint["structure_heads"]`` and restores them on resume.
+
+    ``heads`` and ``model`` are set by the launcher once the model exists (heads None: separation
+    is off).
+    """
+
+    def __init__(self):
+        self.heads: Optional[nn.Module] = None
+        self.model: Optional[nn.Module] = None
+
+    # ---- saving ----
+    def wrap_save(self, save: Callable) -> Callable:
+        def save_with_heads(obj, f, *args, **kwargs):
+            if (self.heads is not None and isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj
+                    and HEADS_KEY not in obj):
+                obj = dict(obj)
+                obj[HEADS_KEY] = heads_state(self.heads)
+            return save(obj, f, *args, **kwargs)
+
+        save_with_heads.__wrapped__ = save
+        return save_with_heads
+
+    # ---- resuming ----
+    def wrap_pt_load(self, pt_load: Callable) -> Callable:
+        def pt_load_with_heads(file_path, *args, **kwargs):
+            checkpoint = pt_load(file_path, *args, **kwargs)
+            self.restore(checkpoint, file_path)
+            return checkpoint
+
+        return pt_load_with_heads
+
+    def restore(self, checkpoint, where="checkpoint") -> None:
+        """Load ``checkpoint["structure_heads"]`` (removed from the dict) into the heads; keep the
+        optimizer state loadable when the checkpoint and this run disagree about the heads."""
+        if not isinstance(checkpoint, dict):
+            return
+        saved = checkpoint.pop(HEADS_KEY, None)
+        training_ckpt = "epoch" in checkpoint and "state_dict" in checkpoint
+        if self.heads is not None:
+            if saved is not None:
+                self.heads.load_state_dict(saved, strict=True)
+                logging.info(f"openclip-structure: restored the separation heads ({HEADS_KEY}) from {where}")
+                return
+            logging.warning(f"openclip-structure: {where} has no '{HEADS_KEY}' entry: the deep-feature-"
+                            f"separation heads start from a fresh initialisation")
+            if training_ckpt:
+                self._align_optimizer(checkpoint, add=sum(p.requires_grad for p in self.heads.parameters()))
+        elif saved is not None:
+            logging.warning(f"openclip-structure: {where} holds separation heads ({HEADS_KEY}) but "
+                            f"--sep-weight is 0 in this run: the heads are dropped")
+            if training_ckpt:
+                self._align_optimizer(checkpoint, drop=len(saved))
+
+    def _align_optimizer(self, checkpoint, add: int = 0, drop: int = 0) -> None:
+        """Make a saved optimizer state fit this run when exactly the heads' parameters differ.
+
+        open_clip's AdamW lists ``model.named_parameters()`` (trainable) in two groups; the heads
+        are registered last and are 2-D, so their parameters are the last entries of the last
+        (weight-decay) group. Only applied when the saved parameter count differs from this
+        model's by exactly the heads (e.g. a plain CLIP checkpoint resumed with --sep-weight):
+        added heads start with fresh optimizer state, dropped heads lose theirs.
+        """
+        opt = checkpoint.get("optimizer")
+        ids = _last_group_ids(opt)
+        if ids is None or self.model is None:
+            return
+        saved = sum(len(g["params"]) for g in opt["param_groups"])
+        live = sum(p.requires_grad for p in self.model.parameters())
+        if add and saved + add == live:
+            nxt = 1 + max((i for g in opt["param_groups"] for i in g["params"]), default=-1)
+            ids.extend(range(nxt, nxt + add))
+        elif drop and saved - drop == live and len(ids) >= drop:
+            dropped = ids[len(ids) - drop:]
+            del ids[len(ids) - drop:]
+            state = opt.get("state", {})
+            for i in dropped:
+                state.pop(i, None)
