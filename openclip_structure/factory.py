@@ -160,8 +160,8 @@ class StructureLoss(nn.Module):
         features = {m: inputs[k] for m, k in FEATURE_KEYS.items()}
         features.update(extra_feature_keys(kwargs))
         out.update(self.regularizer_losses(features, logit_scale=logit_scale))
-        if self.nonfinite != "off":
-            self._check_finite(out, features)
+        if self.nonfinite != "off" and not self._check_finite(out, features):
+            out = self._skipped(out, features, logit_scale)
         return out if output_dict else sum(out.values())
 
     def regularizer_losses(self, features: Dict[str, torch.Tensor],
@@ -197,19 +197,31 @@ class StructureLoss(nn.Module):
                 losses[f"{term.name}_loss"] = weights[term.name] * term.finalize(s)
         return losses
 
-    def _check_finite(self, out: Dict[str, torch.Tensor], features: Dict[str, torch.Tensor]) -> None:
+    def _check_finite(self, out: Dict[str, torch.Tensor], features: Dict[str, torch.Tensor]) -> bool:
+        """True when every loss value is finite; else raise, or log (warn/skip) and return False."""
         values = torch.stack([v.detach().float().reshape(()) for v in out.values()])
         if bool(torch.isfinite(values).all()):
-            return
+            return True
         bad = [k for k, v in out.items() if not bool(torch.isfinite(v.detach()).all())]
         inputs = [f"{FEATURE_KEYS.get(k, k + '_features')} has {int((~torch.isfinite(v.detach())).sum())} non-finite values"
                   for k, v in features.items() if not bool(torch.isfinite(v.detach()).all())]
         msg = (f"openclip-structure: non-finite loss term(s) {', '.join(bad)} at step {self.progress.step} "
                f"(rank {self.rank}); " + ("; ".join(inputs) if inputs else "the input embeddings are finite")
-               + ". Use --structure-nonfinite warn to continue anyway.")
+               + ". Use --structure-nonfinite skip (or warn) to continue anyway.")
         if self.nonfinite == "raise":
             raise NonFiniteLossError(msg)
-        logging.warning(msg)
+        logging.warning(msg + (" Skipping this step: every loss term is set to 0 with zero gradients."
+                               if self.nonfinite == "skip" else ""))
+        return self.nonfinite != "skip"
+
+    @staticmethod
+    def _skipped(out, features, logit_scale) -> Dict[str, torch.Tensor]:
+        """Same keys, value 0 and exactly zero gradients, still connected to every embedding (and
+        so to every parameter that produced them: DDP needs each one used in each step). The term
+        graphs are not backpropagated, so a NaN inside them cannot leak into the gradients."""
+        parts = list(features.values()) + [torch.as_tensor(logit_scale)]
+        anchor = sum(v.float().sum() * 0.0 for v in parts if bool(torch.isfinite(v).all()))
+        return {k: anchor.clone() for k in out}
 
 
 def create_loss(args, base_factory: Optional[Callable] = None, progress: TrainingProgress = PROGRESS) -> nn.Module:

@@ -85,9 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "gap measures from open_clip's own validation embeddings (default); 'all' = also "
                         "group-level clustering metrics, which need a <key>.cls label in every webdataset "
                         "validation sample (one extra pass over the validation shards); 'none'.")
-    g.add_argument("--structure-nonfinite", choices=["raise", "warn", "off"], default="raise",
+    g.add_argument("--structure-nonfinite", choices=["raise", "skip", "warn", "off"], default="raise",
                    help="What to do when a loss term is NaN/inf: 'raise' stops with the term's name and "
-                        "the step, 'warn' logs it and goes on, 'off' skips the check (no sync).")
+                        "the step; 'skip' logs it and zeroes every loss term of that step (zero gradients; "
+                        "AdamW still applies its momentum and weight decay); 'warn' logs it and goes on; "
+                        "'off' skips the check (saves one host sync per step).")
     # ---- latent modality structures (Jiang et al., CVPR 2023, arXiv 2303.05952) ----
     g.add_argument("--gc-weight", type=weight, default=0.0,
                    help="Weight of geometric consistency L_gc (Jiang et al. 2023; = CyCLIP's cyclic loss, "

@@ -43,7 +43,7 @@ COLUMNS = [
 ]
 SIZES = {
     #           epochs, batch, train samples, seeds
-    "default": dict(epochs=6, batch=64, samples=1344, seeds=3),
+    "default": dict(epochs=10, batch=64, samples=1344, seeds=3),
     "quick": dict(epochs=1, batch=64, samples=640, seeds=1),
     "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3),
 }

@@ -266,3 +266,18 @@ def test_bf16_autocast_terms_in_float32():
     # only the bf16 rounding of the inputs remains (~3 significant digits)
     assert out["gap_cu_loss"].item() == pytest.approx(ref["gap_cu_loss"].item(), rel=2e-2)
     assert out["gap_atp_loss"].item() == pytest.approx(ref["gap_atp_loss"].item(), rel=2e-2)
+
+
+def test_nonfinite_skip_gives_zero_gradients_and_keeps_keys():
+    loss = create_loss(make_args(gap_atp_weight=1.0, gap_cu_weight=1.0, structure_nonfinite="skip"))
+    w = torch.randn(6, 8, requires_grad=True)
+    x = torch.randn(12, 6)
+    img = F.normalize(x @ w, dim=-1)
+    txt = F.normalize(torch.randn(12, 8), dim=-1)
+    clean = loss(img, txt, torch.tensor(10.0), output_dict=True)
+    # a term that becomes NaN (here: a NaN logit scale inside the base loss) while the embeddings stay finite
+    out = loss(img, txt, torch.tensor(float("nan")), output_dict=True)
+    assert set(out) == set(clean)
+    assert all(v.item() == 0.0 for v in out.values())
+    sum(out.values()).backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
