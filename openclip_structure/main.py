@@ -90,8 +90,12 @@ def _fix_temperature(model, temperature: float) -> None:
 
 
 @contextlib.contextmanager
-def installed(ocm=None):
-    """Patch ``open_clip_train.main`` (module ``ocm``) for the duration of the block."""
+def installed(ocm=None, args=None):
+    """Patch ``open_clip_train.main`` (module ``ocm``) for the duration of the block.
+
+    ``args``: already parsed by open_clip_train's plugin hook (:mod:`openclip_structure.plugin`),
+    which also adds/validates the flags and wraps ``create_loss``: those two are then left alone.
+    """
     if ocm is None:
         import open_clip_train.main as ocm
     state = {}
@@ -127,6 +131,8 @@ def installed(ocm=None):
     def create_loss(args):
         return factory.create_loss(args, base_factory=orig["create_loss"], progress=PROGRESS)
 
+    if args is not None:
+        state["args"] = hook.args = args
     PROGRESS.reset()
     patches = dict(parse_args=parse_args, create_loss=create_loss,
                    create_model_and_transforms=create_model_and_transforms,
@@ -134,6 +140,8 @@ def installed(ocm=None):
                    pt_load=ckpt_hooks.wrap_pt_load(orig["pt_load"]),
                    get_data=views.wrap_get_data(orig["get_data"], lambda: state.get("args")),
                    **{k: _wrap_scheduler(orig[k]) for k in ("cosine_lr", "const_lr", "const_lr_cooldown")})
+    if args is not None:
+        del patches["parse_args"], patches["create_loss"]
     for k, v in patches.items():
         setattr(ocm, k, v)
     torch.nn.parallel.DistributedDataParallel = CPUFriendlyDDP

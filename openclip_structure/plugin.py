@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import inspect
 import os
 import sys
 from types import ModuleType
@@ -103,24 +102,12 @@ def install(args):
 
 @contextlib.contextmanager
 def _installed(ocm: ModuleType, args):
+    """The launcher's patches with the already parsed ``args``; parse_args/create_loss are left to
+    open_clip_train's own hook (this plugin's ``add_arguments``/``validate``/``wrap_create_loss``)."""
     global _installing
-    real = {"parse_args": ocm.parse_args, "create_loss": ocm.create_loss}
     _installing = True
     try:
-        if "args" in inspect.signature(launcher.installed).parameters:
-            # installed(ocm, args=...): arguments already parsed, parse_args/create_loss left alone
-            with launcher.installed(ocm, args=args):
-                yield
-            return
-        # installed(ocm) wraps ocm.parse_args to record the parsed args its other patches read,
-        # and ocm.create_loss. Give it a stand-in parse_args that returns the already parsed args
-        # (nothing is parsed twice), call it once, then put the real functions back: the hooks
-        # above add and check the flags, and wrap create_loss.
-        ocm.parse_args = lambda argv: args
-        with launcher.installed(ocm):
-            ocm.parse_args([])
-            ocm.parse_args, ocm.create_loss = real["parse_args"], real["create_loss"]
+        with launcher.installed(ocm, args=args):
             yield
     finally:
         _installing = False
-        ocm.parse_args, ocm.create_loss = real["parse_args"], real["create_loss"]
