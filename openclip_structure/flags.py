@@ -85,6 +85,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "gap measures from open_clip's own validation embeddings (default); 'all' = also "
                         "group-level clustering metrics, which need a <key>.cls label in every webdataset "
                         "validation sample (one extra pass over the validation shards); 'none'.")
+    g.add_argument("--fsdp", action="store_true",
+                   help="Shard the model with PyTorch FSDP2 (fully_shard per transformer block and at the "
+                        "root) instead of DistributedDataParallel; needs more than one process. Checkpoints "
+                        "stay in open_clip's format (full state dict on rank 0).")
+    g.add_argument("--fsdp-param-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="FSDP2 mixed precision: dtype the sharded blocks compute in (fp32 = no cast).")
+    g.add_argument("--fsdp-reduce-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="FSDP2 mixed precision: dtype of the gradient reduce-scatter.")
+    g.add_argument("--fsdp-sharded-checkpoint", action="store_true",
+                   help="With --fsdp, also write a sharded torch.distributed.checkpoint copy each epoch "
+                        "(checkpoints/epoch_N_dcp/, fast to save/resume for very large models; "
+                        "--resume accepts that directory).")
     g.add_argument("--structure-nonfinite", choices=["raise", "skip", "warn", "off"], default="raise",
                    help="What to do when a loss term is NaN/inf: 'raise' stops with the term's name and "
                         "the step; 'skip' logs it and zeroes every loss term of that step (zero gradients; "
@@ -170,6 +182,13 @@ def validate(args) -> None:
     if getattr(args, "text_aug", "none") != "none" and not views_enabled(args):
         raise FlagError(f"--text-aug {args.text_aug} only feeds the two-view regularizers: set --gc-aug-weight, "
                         "--bridge-weight, --sep-weight or --inmodal-weight > 0 (or drop --text-aug)")
+    fsdp_options = [f for f, on in (("--fsdp-param-dtype", args.fsdp_param_dtype != "fp32"),
+                                    ("--fsdp-reduce-dtype", args.fsdp_reduce_dtype != "fp32"),
+                                    ("--fsdp-sharded-checkpoint", args.fsdp_sharded_checkpoint)) if on]
+    if fsdp_options and not args.fsdp:
+        raise FlagError(f"{', '.join(fsdp_options)} need --fsdp")
+    if args.fsdp and getattr(args, "horovod", False):
+        raise FlagError("--fsdp cannot be combined with --horovod")
     if args.gap_schedule == "ramp" and not (args.gap_atp_weight > 0 or args.gap_cu_weight > 0):
         raise FlagError("--gap-schedule ramp needs --gap-atp-weight or --gap-cu-weight > 0")
     if not regularizers_enabled(args) and args.fixed_temperature is None:

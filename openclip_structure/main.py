@@ -10,7 +10,9 @@ This is the only place that patches open_clip_train. While :func:`main` runs it
 * replaces ``create_loss`` with :func:`openclip_structure.factory.create_loss`;
 * wraps the LR-scheduler factories so loss-weight schedules know the global step;
 * applies ``--fixed-temperature`` to the created model (logit scale frozen at 1/T);
-* lets DistributedDataParallel run on CPU (open_clip 3.x passes ``device_ids=[cpu]``);
+* lets DistributedDataParallel run on CPU (open_clip 3.x passes ``device_ids=[cpu]``), or shards
+  the model with FSDP2 instead with ``--fsdp`` (:mod:`openclip_structure.fsdp`: full-state
+  checkpoints on rank 0, optional sharded copies, rank-0 evaluation on an unsharded replica);
 * adds the gap (and optionally group-level) metrics to ``--val-data`` validation
   (:mod:`openclip_structure.validation`);
 * with the two-view regularizers, wraps the train preprocess / train tokenizer and the model's
@@ -32,7 +34,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import factory, flags, views
+from . import factory, flags, fsdp, views
 from .distributed import CPUFriendlyDDP
 from .heads import CheckpointHooks
 from .schedule import PROGRESS
@@ -100,9 +102,10 @@ def installed(ocm=None, args=None):
         import open_clip_train.main as ocm
     state = {}
     orig = {name: getattr(ocm, name) for name in
-            ("parse_args", "create_loss", "create_model_and_transforms", "evaluate", "cosine_lr",
-             "const_lr", "const_lr_cooldown", "pt_load", "get_data")}
+            ("parse_args", "create_loss", "create_model_and_transforms", "evaluate", "train_one_epoch",
+             "cosine_lr", "const_lr", "const_lr_cooldown", "pt_load", "get_data")}
     orig_ddp = torch.nn.parallel.DistributedDataParallel
+    orig_scaler = torch.amp.GradScaler
     orig_save = torch.save
     ckpt_hooks = CheckpointHooks()  # separation heads <-> checkpoint["structure_heads"]
 
@@ -131,20 +134,68 @@ def installed(ocm=None, args=None):
     def create_loss(args):
         return factory.create_loss(args, base_factory=orig["create_loss"], progress=PROGRESS)
 
+    def use_fsdp() -> bool:
+        return bool(getattr(state.get("args"), "fsdp", False))
+
+    class DataParallel(CPUFriendlyDDP):
+        """open_clip's DDP call: FSDP2 with --fsdp, else DDP that also runs on CPU."""
+
+        def __new__(cls, module, *a, **kw):
+            if use_fsdp():
+                state["fsdp_model"] = fsdp.wrap(module, state["args"])
+                return state["fsdp_model"]  # not a cls instance: __init__ is skipped
+            return super().__new__(cls)
+
+    def grad_scaler(*a, **kw):
+        return (fsdp.GradScaler if use_fsdp() else orig_scaler)(*a, **kw)
+
+    def train_one_epoch(model, data, loss, epoch, optimizer, *a, **kw):
+        out = orig["train_one_epoch"](model, data, loss, epoch, optimizer, *a, **kw)
+        if fsdp.is_wrapped(model):  # all ranks: rank 0 then saves open_clip's full checkpoint
+            fsdp.gather_full_state(model, optimizer)
+            args = state["args"]
+            if args.fsdp_sharded_checkpoint:
+                where = os.path.join(args.logs, args.name, "checkpoints", f"epoch_{epoch + 1}_dcp")
+                os.makedirs(where, exist_ok=True)
+                fsdp.save_sharded(model, optimizer, where, epoch + 1)
+        return out
+
+    validation_evaluate = hook.wrap_evaluate(orig["evaluate"])
+
+    def evaluate(model, data, epoch, args, *a, **kw):
+        if fsdp.is_wrapped(model):  # evaluation runs on rank 0 only: give it an unsharded replica
+            if not fsdp.has_full_state(model):
+                fsdp.gather_full_state(model)
+            if args.rank != 0:
+                return {}
+            model = fsdp.eval_model(model)
+        return validation_evaluate(model, data, epoch, args, *a, **kw)
+
+    heads_pt_load = ckpt_hooks.wrap_pt_load(orig["pt_load"])
+
+    def pt_load(path, *a, **kw):
+        container = state.get("fsdp_model")
+        if container is not None and fsdp.is_sharded_checkpoint(path):
+            optimizer = next(iter(fsdp._state(container).optimizers), None)
+            return fsdp.sharded_resume_checkpoint(container, path, optimizer)
+        return heads_pt_load(path, *a, **kw)
+
     if args is not None:
         state["args"] = hook.args = args
     PROGRESS.reset()
     patches = dict(parse_args=parse_args, create_loss=create_loss,
                    create_model_and_transforms=create_model_and_transforms,
-                   evaluate=hook.wrap_evaluate(orig["evaluate"]),
-                   pt_load=ckpt_hooks.wrap_pt_load(orig["pt_load"]),
+                   evaluate=evaluate, train_one_epoch=train_one_epoch, pt_load=pt_load,
                    get_data=views.wrap_get_data(orig["get_data"], lambda: state.get("args")),
                    **{k: _wrap_scheduler(orig[k]) for k in ("cosine_lr", "const_lr", "const_lr_cooldown")})
     if args is not None:
         del patches["parse_args"], patches["create_loss"]
     for k, v in patches.items():
         setattr(ocm, k, v)
-    torch.nn.parallel.DistributedDataParallel = CPUFriendlyDDP
+    torch.nn.parallel.DistributedDataParallel = DataParallel
+    torch.amp.GradScaler = grad_scaler
+    binding = fsdp.optimizer_binding()  # sharded models' optimizers get full-state (de)serialisation
+    binding.__enter__()
     torch.save = ckpt_hooks.wrap_save(orig_save)
     oct.get_clip_metrics = hook.wrap_get_clip_metrics(orig_metrics)
     try:
@@ -153,6 +204,8 @@ def installed(ocm=None, args=None):
         for k, v in orig.items():
             setattr(ocm, k, v)
         torch.nn.parallel.DistributedDataParallel = orig_ddp
+        torch.amp.GradScaler = orig_scaler
+        binding.__exit__(None, None, None)
         torch.save = orig_save
         oct.get_clip_metrics = orig_metrics
 
