@@ -310,6 +310,7 @@ def phase_train(job, rank, world):
         res["heads_load_max_diff"] = max(float((got[k] - ref[k]).abs().max()) for k in ref)
     # CoCa: its text decoder's self- and cross-attention blocks are sharded too
     res["coca"] = {}
+    ref_keys = None  # the DDP run (first) records the state_dict keys the FSDP run must match
     for mode in ("ddp", "fsdp"):
         torch.manual_seed(0)
         m = open_clip.create_model("fsdp-test-coca", output_dict=True)

@@ -2,8 +2,6 @@
 on the same data, open_clip-format checkpoints that plain create_model loads, resume from the
 full checkpoint and from the sharded (torch.distributed.checkpoint) copy."""
 import csv
-import os
-import re
 import subprocess
 import sys
 
@@ -13,30 +11,11 @@ import torch
 from openclip_structure import main as launcher
 from openclip_structure.shards import digits_samples
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import logged, run
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "2", "--wd", "0.1", "--workers", "1",
          "--seed", "0", "--log-every-n-steps", "1", "--precision", "fp32", "--batch-size", "16",
          "--local-loss", "--gather-with-grad", "--gap-atp-weight", "1", "--gap-cu-weight", "1",
          "--sep-weight", "1"]
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def torchrun(argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "openclip_structure.main", "--"] + argv
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env(), cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-5000:])
-    return proc
-
-
-def logged(run_dir, key):
-    text = open(os.path.join(run_dir, "out.log")).read()
-    return [float(v) for v in re.findall(rf"{key.capitalize()}: ([-0-9.e]+) \(", text)]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +39,8 @@ def data_args(csv_path, logs, name, epochs):
 
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_checkpoints_round_trip(csv_data, tmp_path):
-    torchrun(data_args(csv_data, tmp_path, "ddp", 1) + TRAIN)
-    torchrun(data_args(csv_data, tmp_path, "fsdp", 1) + TRAIN + ["--fsdp", "--fsdp-sharded-checkpoint"])
+    run(nproc=2, argv=data_args(csv_data, tmp_path, "ddp", 1) + TRAIN)
+    run(nproc=2, argv=data_args(csv_data, tmp_path, "fsdp", 1) + TRAIN + ["--fsdp", "--fsdp-sharded-checkpoint"])
     keys = ["contrastive_loss", "gap_atp_loss", "gap_cu_loss", "sep_ortho_loss", "sep_icon_loss", "sep_iuni_loss"]
     for key in keys:
         a, b = logged(tmp_path / "ddp", key), logged(tmp_path / "fsdp", key)
@@ -87,7 +66,7 @@ def test_fsdp_matches_ddp_and_checkpoints_round_trip(csv_data, tmp_path):
 
     # resume from the full checkpoint, and from the sharded copy, for one more epoch
     for name, source in (("resume_full", full), ("resume_dcp", sharded)):
-        torchrun(data_args(csv_data, tmp_path, name, 2) + TRAIN + ["--fsdp", "--resume", str(source)])
+        run(nproc=2, argv=data_args(csv_data, tmp_path, name, 2) + TRAIN + ["--fsdp", "--resume", str(source)])
         log = open(tmp_path / name / "out.log").read()
         assert "Train Epoch: 1" in log and "Train Epoch: 0" not in log, name
         assert (tmp_path / name / "checkpoints/epoch_2.pt").exists()

@@ -2,7 +2,6 @@
 training runs (1 process and 2-process torchrun on CPU/gloo), logging of each term, checkpoints
 that load with plain open_clip.create_model in a fresh process, --resume, exact no-op."""
 import csv
-import glob
 import json
 import os
 import re
@@ -16,39 +15,12 @@ from openclip_structure import main as launcher
 from openclip_structure.schedule import PROGRESS
 from openclip_structure.shards import digits_samples, write_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, logged, run
+
 TESTS = os.path.join(ROOT, "tests")
 CONFIG_DIR = launcher.MODEL_CONFIG_DIR
 TRAIN = ["--model", "structure-tiny", "--epochs", "1", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1",
          "--workers", "1", "--seed", "0", "--log-every-n-steps", "1", "--report-to", "tensorboard"]
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def run(argv, nproc=1, script=None, timeout=300):
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-        cmd += [script] if script else ["-m", "openclip_structure.main"]
-        cmd += ["--"] + argv
-    else:
-        cmd = [sys.executable] + ([script] if script else ["-m", "openclip_structure.main"]) + argv
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
-    return proc
-
-
-def ok(proc):
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
-    return proc
-
-
-def logged(run_dir, key):
-    """Values of one loss key as open_clip prints them in out.log ("Gap_atp_loss: 0.123 (avg)")."""
-    text = open(os.path.join(run_dir, "out.log")).read()
-    return [float(v) for v in re.findall(rf"{key.capitalize()}: ([-0-9.e]+) \(", text)]
 
 
 def state_dict(path):
@@ -135,8 +107,8 @@ def test_scheduler_hook_records_progress():
 @pytest.mark.slow
 def test_plugin_without_flags_is_exactly_open_clip(data, tmp_path):
     plain = os.path.join(TESTS, "plain_open_clip_train.py")
-    ok(run(csv_args(data, tmp_path, "plain", 32), script=plain))
-    ok(run(csv_args(data, tmp_path, "plugin", 32)))
+    run(csv_args(data, tmp_path, "plain", 32), script=plain)
+    run(csv_args(data, tmp_path, "plugin", 32))
     assert logged(tmp_path / "plain", "contrastive_loss") == logged(tmp_path / "plugin", "contrastive_loss")
     a, b = state_dict(tmp_path / "plain/checkpoints/epoch_1.pt"), state_dict(tmp_path / "plugin/checkpoints/epoch_1.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -150,8 +122,8 @@ def test_one_vs_two_processes_same_global_batches(data, tmp_path):
     flags = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--local-loss", "--gather-with-grad",
              "--precision", "fp32"]
     single = os.path.join(TESTS, "single_process_with_distributed_sampler.py")
-    ok(run(csv_args(data, tmp_path, "one", 32) + flags, script=single))
-    two = ok(run(csv_args(data, tmp_path, "two", 16) + flags, nproc=2))
+    run(csv_args(data, tmp_path, "one", 32) + flags, script=single)
+    run(csv_args(data, tmp_path, "two", 16) + flags, nproc=2)
     assert "total 2" in open(tmp_path / "two/out.log").read()
     for key in ("gap_atp_loss", "gap_cu_loss"):
         a, b = logged(tmp_path / "one", key), logged(tmp_path / "two", key)
@@ -165,7 +137,6 @@ def test_one_vs_two_processes_same_global_batches(data, tmp_path):
     diff = max((sd1[k].float() - sd2[k].float()).abs().max().item() for k in keys)
     print(f"max |param diff| 1 vs 2 processes after 10 AdamW steps: {diff:.2e}")
     assert diff < 2e-5
-    del two
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +146,7 @@ def gap_run(data, tmp_path_factory):
             "--batch-size", "32", "--logs", str(logs), "--name", "gap", "--save-most-recent",
             "--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gap-schedule", "ramp",
             "--fixed-temperature", "0.1", "--val-data", data["val"], "--val-structure-metrics", "all"] + TRAIN
-    ok(run(argv))
+    run(argv)
     return logs / "gap", argv
 
 
@@ -233,7 +204,7 @@ def test_resume_continues(gap_run):
     run_dir, argv = gap_run
     argv = [a if a != "1" or argv[i - 1] != "--epochs" else "2" for i, a in enumerate(argv)]
     argv = [a if a != "all" else "gap" for a in argv]  # skip the extra labelled pass here
-    ok(run(argv + ["--resume", "latest"]))
+    run(argv + ["--resume", "latest"])
     log = open(run_dir / "out.log").read()
     assert "resuming checkpoint" in log and "Train Epoch: 1" in log
     assert os.path.exists(run_dir / "checkpoints" / "epoch_2.pt")
@@ -247,7 +218,7 @@ def test_two_process_webdataset_accum_freq(data, tmp_path):
     argv = ["--train-data", data["wds"], "--dataset-type", "webdataset", "--train-num-samples", "256",
             "--batch-size", "16", "--accum-freq", "2", "--logs", str(tmp_path), "--name", "ddp",
             "--gap-atp-weight", "1", "--gap-cu-weight", "1"] + TRAIN
-    ok(run(argv, nproc=2))
+    run(argv, nproc=2)
     log = open(tmp_path / "ddp/out.log").read()
     assert "total 2" in log
     assert len(logged(tmp_path / "ddp", "gap_cu_loss")) == 4  # 256 / (16 * 2 ranks * 2 accum)

@@ -6,8 +6,6 @@ import io
 import os
 import re
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 
@@ -20,7 +18,7 @@ from openclip_structure import main as launcher
 from openclip_structure.factory import create_loss
 from openclip_structure.shards import Sample, digits_samples, write_dataset, write_shards
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import launch
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1", "--workers", "1",
          "--seed", "0", "--log-every-n-steps", "1", "--batch-size", "32"]
 BAD_VALUES = ["-1", "nan", "inf", "bogus"]
@@ -43,7 +41,12 @@ def parse(argv):
 def test_every_plugin_flag_refuses_bad_values(action, capsys):
     flag = action.option_strings[0]
     if action.nargs == 0:  # store_true flags take no value
-        assert parse(["--train-data", "x.tar", flag]).__dict__[action.dest] is True
+        needs = ["--fsdp"] if flag.startswith("--fsdp-") else []
+        assert parse(["--train-data", "x.tar", flag] + needs).__dict__[action.dest] is True
+        if needs:  # ... and are refused without the flag they refine
+            with pytest.raises(SystemExit):
+                parse(["--train-data", "x.tar", flag])
+            assert f"{flag} need --fsdp" in capsys.readouterr().err
         return
     tried = 0
     for bad in BAD_VALUES:
@@ -142,17 +145,6 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     return write_dataset(digits_samples()[:320], str(root / "wds"), val_fraction=0.2,
                          train_shards=4, val_shards=1)
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def launch(argv, **kw):
-    return subprocess.Popen([sys.executable, "-m", "openclip_structure.main"] + argv, env=env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 @pytest.mark.slow

@@ -3,12 +3,10 @@ their validation, the two-view preprocess and model-forward wrapper (one image-t
 independent features from the pre-projection pooled output), the separation heads (optimised,
 outside state_dict, saved as checkpoint["structure_heads"], restored by --resume), real training
 runs with every term (1 process and 2-process torchrun) and a fresh-process create_model load."""
-import argparse
 import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -22,14 +20,14 @@ from torch import nn
 
 from openclip_structure import flags
 from openclip_structure import main as launcher
-from openclip_structure.factory import MissingFeaturesError, StructureLoss, build_terms, create_loss
+from openclip_structure.factory import MissingFeaturesError, build_terms, create_loss
 from openclip_structure.heads import (HEADS_KEY, CheckpointHooks, UnsupportedModelError, attach_heads,
                                       check_separation_support)
 from openclip_structure.shards import digits_samples, write_dataset
 from openclip_structure.views import (EDA, TwoCaptions, TwoViews, augmented_view_transform, install_forward,
                                       prepare_model)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import logged, run  # noqa: E402
 CONFIG_DIR = launcher.MODEL_CONFIG_DIR
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1", "--workers", "1",
          "--seed", "0", "--log-every-n-steps", "1", "--report-to", "tensorboard"]
@@ -42,28 +40,6 @@ launcher.register_model_configs()
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-def run(argv, nproc=1, timeout=300):
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "openclip_structure.main", "--"] + argv
-    else:
-        cmd = [sys.executable, "-m", "openclip_structure.main"] + argv
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
-    return proc
-
-
-def logged(run_dir, key):
-    text = open(os.path.join(run_dir, "out.log")).read()
-    return [float(v) for v in re.findall(rf"{key.capitalize()}: ([-0-9.e]+) \(", text)]
-
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)

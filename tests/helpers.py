@@ -1,0 +1,44 @@
+"""Shared plumbing of the tests that launch real training processes."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env():
+    """This environment without torchrun's variables, with the repository importable."""
+    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def command(argv, nproc=1, script=None):
+    """The launcher (or a test driver ``script``), under torchrun when ``nproc`` > 1."""
+    target = [script] if script else ["-m", "openclip_structure.main"]
+    if nproc > 1:
+        return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                + target + ["--"] + list(argv))
+    return [sys.executable] + target + list(argv)
+
+
+def run(argv, nproc=1, script=None, timeout=300, check=True):
+    """Run a training job to completion; with ``check`` it must exit 0 (the log tails are shown)."""
+    proc = subprocess.run(command(argv, nproc, script), capture_output=True, text=True, timeout=timeout,
+                          env=env(), cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
+    return proc
+
+
+def launch(argv, **kw):
+    """Start a single-process training job in the background (for kill/resume tests)."""
+    return subprocess.Popen(command(argv), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def logged(run_dir, key):
+    """Values of one loss key as open_clip prints them in out.log ("Gap_atp_loss: 0.123 (avg)")."""
+    text = open(os.path.join(run_dir, "out.log")).read()
+    return [float(v) for v in re.findall(rf"{key.capitalize()}: ([-0-9.e]+) \(", text)]
