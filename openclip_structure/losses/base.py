@@ -18,18 +18,20 @@ import torch
 from torch import nn
 
 from ..distributed import FeatureBatch
+from ._fused import exp_kernel_sum
 
 
-def pair_kernel_sums(rows: torch.Tensor, cols: torch.Tensor, diag: torch.Tensor, t: float) -> torch.Tensor:
+def pair_kernel_sums(rows: torch.Tensor, cols: torch.Tensor, diag: torch.Tensor, t: float,
+                     symmetric: bool = False) -> torch.Tensor:
     """sum_{i local} sum_{j != i} exp(-t ||x_i - x_j||^2) for unit-norm rows/cols.
 
-    Uses ||x_i - x_j||^2 = 2 - 2 <x_i, x_j>; ``diag[i]`` is the column index of row i's own
-    sample, whose term is removed. Memory: one ``B_local x B_global`` matrix.
+    Uses ||x_i - x_j||^2 = 2 - 2 <x_i, x_j>, i.e. ``exp(2t <x_i, x_j> - 2t)`` straight from one
+    fused ``addmm``; ``diag[i]`` is the column index of row i's own sample, whose term is removed.
+    ``symmetric=True`` when ``rows`` are the local part of the SAME samples as ``cols``: the kernel
+    is symmetric, so the rows get the full (doubled) gradient and none flows into ``cols`` (see
+    :mod:`._fused`). Memory: one ``B_local x B_global`` matrix, none more in backward.
     """
-    sq = (2.0 - 2.0 * rows @ cols.t()).clamp_min(0.0)
-    kernel = torch.exp(-t * sq)
-    own = kernel.gather(1, diag.view(-1, 1))
-    return kernel.sum() - own.sum()
+    return exp_kernel_sum(rows, cols, diag, 2.0 * t, -2.0 * t, symmetric=symmetric)
 
 
 class RegularizerTerm(nn.Module):

@@ -90,9 +90,20 @@ class CentroidUniformity(RegularizerTerm):
         _check_modalities([batch.rows(k) for k in self.keys], "centroid uniformity (gap_cu)")
         if batch.n_global < 2:
             raise ValueError("centroid uniformity (gap_cu) needs a global batch of at least 2 samples")
-        cols = F.normalize(sum(batch.cols(k) for k in self.keys) / len(self.keys), dim=-1)
-        rows = cols[batch.offset:batch.offset + batch.n_local]
-        total = pair_kernel_sums(rows, cols, batch.diagonal_index(), self.t)
+        # the kernel is symmetric: the local centroids carry the whole gradient (pair_kernel_sums
+        # doubles it), the gathered ones are constants (no backward through the gather)
+        # (normalize is scale-invariant: the 1/M of the mean is not applied)
+        rows = F.normalize(sum(batch.rows(k) for k in self.keys), dim=-1)
+        if batch.n_global == batch.n_local:
+            cols = rows.detach()
+        else:
+            gathered = [batch.cols(k) for k in self.keys]  # (cached WITH grad: other terms share them)
+            with torch.no_grad():  # [B_global, D], in place: one pass less than F.normalize's division
+                cols = gathered[0] + gathered[1]
+                for c in gathered[2:]:
+                    cols += c
+                cols *= torch.linalg.vector_norm(cols, dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+        total = pair_kernel_sums(rows, cols, batch.diagonal_index(), self.t, symmetric=True)
         pairs = row_count(batch, total) * (batch.n_global - 1)
         return torch.stack([total, pairs])
 
@@ -117,7 +128,7 @@ class ModalityUniformity(RegularizerTerm):
         if batch.n_global < 2:
             raise ValueError("modality uniformity (gap_cu) needs a global batch of at least 2 samples")
         diag = batch.diagonal_index()
-        sums = [pair_kernel_sums(batch.rows(k), batch.cols(k), diag, self.t) for k in self.keys]
+        sums = [pair_kernel_sums(batch.rows(k), batch.cols(k), diag, self.t, symmetric=True) for k in self.keys]
         pairs = row_count(batch, sums[0]) * (batch.n_global - 1)
         return torch.stack(sums + [pairs])
 

@@ -19,16 +19,16 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from ..distributed import FeatureBatch
+from ._fused import info_nce_sum
 from .base import RegularizerTerm, row_count
 from .geometric import _check_paired
 
 
 def _info_nce_sum(rows: torch.Tensor, cols: torch.Tensor, diag: torch.Tensor,
                   scale: Union[torch.Tensor, float]) -> torch.Tensor:
-    """sum_i -log softmax_k(scale <rows_i, cols_k>)[diag_i]; one ``B_local x B_global`` matrix."""
-    logits = scale * (rows @ cols.t())
-    own = logits.gather(1, diag.view(-1, 1)).squeeze(1)
-    return (torch.logsumexp(logits, dim=1) - own).sum()
+    """sum_i -log softmax_k(scale <rows_i, cols_k>)[diag_i]; one ``B_local x B_global`` matrix
+    (fused forward/backward, :func:`._fused.info_nce_sum`)."""
+    return info_nce_sum(rows, cols, diag, scale)
 
 
 def _check_logit_scale(logit_scale, where: str) -> torch.Tensor:

@@ -140,8 +140,8 @@ class SeparationUniformity(RegularizerTerm):
         _check_paired(where, {"image_ind": iv})
         _check_paired(where, {"text_ind": it})
         diag = batch.diagonal_index()
-        total = (pair_kernel_sums(iv, batch.cols("image_ind"), diag, self.t)
-                 + pair_kernel_sums(it, batch.cols("text_ind"), diag, self.t)
+        total = (pair_kernel_sums(iv, batch.cols("image_ind"), diag, self.t, symmetric=True)
+                 + pair_kernel_sums(it, batch.cols("text_ind"), diag, self.t, symmetric=True)
                  + 2.0 * batch.n_local)
         pairs = row_count(batch, total) * batch.n_global
         return torch.stack([total, pairs])
