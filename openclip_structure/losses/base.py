@@ -48,9 +48,9 @@ class RegularizerTerm(nn.Module):
     def finalize(self, stats: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], **batch_kwargs) -> torch.Tensor:
         """Single-process value: ``features`` maps keys to ``[N, D]`` tensors (or is a list in
-        the order of ``self.keys``)."""
+        the order of ``self.keys``); ``batch_kwargs`` go to the FeatureBatch (``logit_scale``)."""
         if not isinstance(features, Mapping):
             features = list(features)
             if len(features) != len(self.keys):
@@ -60,7 +60,7 @@ class RegularizerTerm(nn.Module):
         missing = [k for k in self.keys if k not in features]
         if missing:
             raise ValueError(f"{self.name}: missing embeddings {missing}")
-        batch = FeatureBatch({k: features[k] for k in self.keys})
+        batch = FeatureBatch({k: features[k] for k in self.keys}, **batch_kwargs)
         return self.finalize(self.statistics(batch))
 
 

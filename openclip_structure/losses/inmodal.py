@@ -75,17 +75,7 @@ class InModalContrastive(RegularizerTerm):
                 logit_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Single-process value; ``logit_scale`` is required (the CLIP logit scale)."""
         _check_logit_scale(logit_scale, "inmodal")
-        if not isinstance(features, Mapping):
-            features = list(features)
-            if len(features) != len(self.keys):
-                raise ValueError(f"{self.name}: expected {len(self.keys)} embedding tensors "
-                                 f"({', '.join(self.keys)}), got {len(features)}")
-            features = dict(zip(self.keys, features))
-        missing = [k for k in self.keys if k not in features]
-        if missing:
-            raise ValueError(f"{self.name}: missing embeddings {missing}")
-        batch = FeatureBatch({k: features[k] for k in self.keys}, logit_scale=logit_scale)
-        return self.finalize(self.statistics(batch))
+        return super().forward(features, logit_scale=logit_scale)
 
 
 def in_modal_contrastive(img: torch.Tensor, img_aug: torch.Tensor, txt: torch.Tensor, txt_aug: torch.Tensor,
