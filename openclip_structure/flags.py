@@ -57,7 +57,10 @@ def bridge_t(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the plugin's argument group to ``parser`` (open_clip_train's parser)."""
+    """Add the plugin's argument group to ``parser`` (open_clip_train's parser). Idempotent: the
+    launcher and open_clip_train's plugin hook (when the patch is applied) may both call it."""
+    if plugin_destinations(parser):
+        return parser
     g = parser.add_argument_group(GROUP_TITLE)
     g.add_argument("--gap-atp-weight", type=weight, default=0.0,
                    help="Weight of Align-True-Pairs, the modality-gap alignment term "

@@ -91,6 +91,15 @@ def _fix_temperature(model, temperature: float) -> None:
     model.logit_scale.requires_grad_(False)
 
 
+_launcher_parsing = False  # installed() entered by the launcher itself (it parses and builds the loss)
+
+
+def launcher_owns_parsing() -> bool:
+    """True while the launcher's own :func:`installed` (``args=None``) is in effect: open_clip_train's
+    plugin hook (:mod:`openclip_structure.plugin`) then stands aside."""
+    return _launcher_parsing
+
+
 @contextlib.contextmanager
 def installed(ocm=None, args=None):
     """Patch ``open_clip_train.main`` (module ``ocm``) for the duration of the block.
@@ -196,6 +205,8 @@ def installed(ocm=None, args=None):
     torch.amp.GradScaler = grad_scaler
     binding = fsdp.optimizer_binding()  # sharded models' optimizers get full-state (de)serialisation
     binding.__enter__()
+    global _launcher_parsing
+    outer_parsing, _launcher_parsing = _launcher_parsing, args is None
     torch.save = ckpt_hooks.wrap_save(orig_save)
     oct.get_clip_metrics = hook.wrap_get_clip_metrics(orig_metrics)
     try:
@@ -206,6 +217,7 @@ def installed(ocm=None, args=None):
         torch.nn.parallel.DistributedDataParallel = orig_ddp
         torch.amp.GradScaler = orig_scaler
         binding.__exit__(None, None, None)
+        _launcher_parsing = outer_parsing
         torch.save = orig_save
         oct.get_clip_metrics = orig_metrics
 
@@ -231,4 +243,8 @@ def _shutdown_process_group() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main(), not this __main__ copy's, so that there is one launcher
+    # state (launcher_owns_parsing) for open_clip_train's plugin hook to see
+    from openclip_structure.main import main as _main
+
+    sys.exit(_main())

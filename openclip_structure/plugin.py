@@ -32,22 +32,17 @@ import os
 import sys
 from types import ModuleType
 
-import torch
 
 from . import factory, flags
 from . import main as launcher
-from .distributed import CPUFriendlyDDP
 from .schedule import PROGRESS
 
 TRAIN_MODULE = "open_clip_train.main"
 
-_installing = False  # install() below has launcher.installed() entered
-
-
 def launcher_active() -> bool:
-    """Whether :func:`openclip_structure.main.installed` is in effect, entered by the launcher
-    (``python -m openclip_structure.main``) rather than by :func:`install`."""
-    return torch.nn.parallel.DistributedDataParallel is CPUFriendlyDDP and not _installing
+    """Whether the launcher (``python -m openclip_structure.main``) is running: it adds the flags,
+    validates them and builds the loss itself, so the hooks below stand aside."""
+    return launcher.launcher_owns_parsing()
 
 
 def training_module() -> ModuleType:
@@ -104,10 +99,5 @@ def install(args):
 def _installed(ocm: ModuleType, args):
     """The launcher's patches with the already parsed ``args``; parse_args/create_loss are left to
     open_clip_train's own hook (this plugin's ``add_arguments``/``validate``/``wrap_create_loss``)."""
-    global _installing
-    _installing = True
-    try:
-        with launcher.installed(ocm, args=args):
-            yield
-    finally:
-        _installing = False
+    with launcher.installed(ocm, args=args):
+        yield

@@ -226,3 +226,8 @@ def test_tampered_checkpoint_is_refused(shards, tmp_path):
     assert proc.returncode != 0
     assert re.search(r"weights_only|Unsupported global|pickled", err), err[-2000:]
     assert not os.path.exists(tmp_path / "t/checkpoints/epoch_2.pt")
+
+
+def test_adding_the_flags_twice_is_harmless():
+    parser = flags.add_arguments(flags.add_arguments(argparse.ArgumentParser()))
+    assert parser.parse_args(["--gap-atp-weight", "2"]).gap_atp_weight == 2.0
