@@ -526,14 +526,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         log(summary_table(res["configs"], cases))
     res["elapsed_s"] = time.time() - t_start
     log(f"\n(elapsed {res['elapsed_s']:.0f} s)")
-    if args.json:
-        text = json.dumps(res, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    write_json(res, args.json)
     return res
+
+
+def write_json(res, dest) -> None:
+    """``--json DEST``: the results as JSON to a file, or to stdout with ``-``."""
+    if not dest:
+        return
+    text = json.dumps(res, indent=1)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench_losses import describe, machine_info, median  # noqa: E402
+from bench_losses import describe, machine_info, median, write_json  # noqa: E402
 from openclip_structure import flags  # noqa: E402
 from openclip_structure.factory import create_loss  # noqa: E402
 
@@ -294,13 +294,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             log(table(r) + "\n")
     res["elapsed_s"] = time.time() - t0
     log(f"(elapsed {res['elapsed_s']:.0f} s)")
-    if args.json:
-        text = json.dumps(res, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text)
+    write_json(res, args.json)
     return res
 
 
