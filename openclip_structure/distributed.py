@@ -99,6 +99,28 @@ def reduce_statistics(stats: List[torch.Tensor], world_size: int) -> List[torch.
     return out
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient is multiplied by ``factor`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged in value, its gradient times ``factor`` (``x`` itself when there is nothing
+    to scale). The composite loss scales the terms' inputs by the base loss's own gradient scale
+    (:mod:`openclip_structure.scaling`)."""
+    if factor == 1.0 or not x.requires_grad:
+        return x
+    return _ScaleGrad.apply(x, float(factor))
+
+
 def distributed_context(args) -> tuple:
     """(rank, world_size) from open_clip's args, or from an initialised process group."""
     world_size = int(getattr(args, "world_size", 1) or 1)

@@ -16,11 +16,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .distributed import FeatureBatch, distributed_context, reduce_statistics
-from .flags import regularizers_enabled
+from .distributed import FeatureBatch, distributed_context, reduce_statistics, scale_grad
+from .flags import regularizers_enabled, text_views_enabled
 from .losses import (AlignTruePairs, AugmentedGeometricConsistency, BrownianBridge, CentroidUniformity,
                      GeometricConsistency, InModalContrastive, ModalityUniformity, RegularizerTerm,
                      SeparationInModalContrast, SeparationOrthogonality, SeparationUniformity)
+from .scaling import base_gradient_scale
 from .schedule import GAP_RAMP_KNOTS, PROGRESS, PiecewiseLinear, TrainingProgress, constant
 
 #: keys of open_clip's model output that hold the two modalities' embeddings
@@ -98,13 +99,28 @@ def build_terms(args) -> List[Tuple[RegularizerTerm, PiecewiseLinear]]:
         # same seed on every rank: the per-sample t of the global batch equals one process's draws
         seed = int(getattr(args, "seed", 0) or 0) if t == "uniform" else None
         terms.append((BrownianBridge(t=t, seed=seed), constant(args.bridge_weight)))
+    text = text_views_enabled(args)  # a real second caption: else the text halves are skipped
     if getattr(args, "sep_weight", 0) > 0:
-        for term in (SeparationOrthogonality(), SeparationInModalContrast(temperature=args.sep_temperature),
+        for term in (SeparationOrthogonality(),
+                     SeparationInModalContrast(temperature=args.sep_temperature, text=text),
                      SeparationUniformity()):
             terms.append((term, constant(args.sep_weight)))
     if getattr(args, "inmodal_weight", 0) > 0:
-        terms.append((InModalContrastive(), constant(args.inmodal_weight)))
+        terms.append((InModalContrastive(text=text), constant(args.inmodal_weight)))
     return terms
+
+
+def skipped_halves(args) -> List[str]:
+    """Startup notes on the text halves :func:`build_terms` leaves out (no second caption)."""
+    if text_views_enabled(args):
+        return []
+    names = [n for n, k in (("inmodal", "inmodal_weight"), ("sep_icon", "sep_weight")) if getattr(args, k, 0) > 0]
+    if not names:
+        return []
+    return [f"--text-aug none: the text halves of {' and '.join(names)} are skipped (a caption contrasted "
+            f"with itself gives no invariance signal, it only pushes captions apart); those terms are "
+            f"their image halves alone. Use --text-aug captions (several captions per sample) or "
+            f"--text-aug eda for the text halves."]
 
 
 class StructureLoss(nn.Module):
@@ -128,9 +144,15 @@ class StructureLoss(nn.Module):
         progress: TrainingProgress = PROGRESS,
         nonfinite: str = "raise",
         fixed_logit_scale: Optional[float] = None,
+        grad_scale: float = 1.0,
+        logit_grad_scale: float = 1.0,
     ):
         super().__init__()
         self.base = base
+        #: factors on the terms' gradients into the embeddings and into the logit scale (values are
+        #: untouched): the base loss's own gradient scales on this number of processes
+        #: (:func:`openclip_structure.scaling.base_gradient_scale`)
+        self.grad_scale, self.logit_grad_scale = float(grad_scale), float(logit_grad_scale)
         self.terms = nn.ModuleList([t for t, _ in terms])
         self.schedules = [s for _, s in terms]
         self.rank, self.world_size = rank, world_size
@@ -188,9 +210,10 @@ class StructureLoss(nn.Module):
             converted: Dict[int, torch.Tensor] = {}  # keep aliases (text_aug is text) the same tensor
             for v in used.values():
                 if id(v) not in converted:
-                    converted[id(v)] = _at_least_float32(v)
+                    converted[id(v)] = scale_grad(_at_least_float32(v), self.grad_scale)
             local = {k: converted[id(v)] for k, v in used.items()}
-            scale = None if logit_scale is None else _at_least_float32(torch.as_tensor(logit_scale))
+            scale = None if logit_scale is None else \
+                scale_grad(_at_least_float32(torch.as_tensor(logit_scale)), self.logit_grad_scale)
             batch = FeatureBatch(local, self.rank, self.world_size, logit_scale=scale)
             stats = reduce_statistics([t.statistics(batch) for t in active], self.world_size)
             for term, s in zip(active, stats):
@@ -237,11 +260,18 @@ def create_loss(args, base_factory: Optional[Callable] = None, progress: Trainin
     if not regularizers_enabled(args) and fixed_t is None:
         return base
     rank, world_size = distributed_context(args)
+    scale = base_gradient_scale(base, world_size)
     loss = StructureLoss(
         base, build_terms(args), rank=rank, world_size=world_size, progress=progress,
         nonfinite=args.structure_nonfinite,
         fixed_logit_scale=None if fixed_t is None else 1.0 / fixed_t,
+        grad_scale=scale.factor, logit_grad_scale=scale.logit_scale,
     )
     if rank == 0:
-        logging.info(f"openclip-structure loss: base {type(base).__name__}, terms {loss.weights()}")
+        logging.info(f"openclip-structure loss: base {type(base).__name__}, terms {loss.weights()}, "
+                     f"regularizer gradient scale {scale.factor:g} ({scale.reason})")
+        if not scale.exact and len(loss.terms):
+            logging.warning(f"openclip-structure: {scale.reason}.")
+        for note in skipped_halves(args):
+            logging.info(f"openclip-structure: {note}")
     return loss

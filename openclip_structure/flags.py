@@ -40,7 +40,7 @@ def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fa
 weight = _number(lo=0.0, what="weight")
 
 VIEW_AUGS = ("crop", "autoaugment")
-TEXT_AUGS = ("none", "eda")
+TEXT_AUGS = ("none", "eda", "captions")
 
 
 def bridge_t(text: str):
@@ -136,8 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "RandomResizedCrop(scale=(0.5, 1)) + horizontal flip; 'autoaugment' = resize, "
                         "torchvision AutoAugment (ImageNet policy); then the model's own normalisation.")
     g.add_argument("--text-aug", choices=list(TEXT_AUGS), default="none",
-                   help="Second caption: 'none' = the caption itself (z^a_T = z_T); 'eda' = EDA-style "
-                        "random word dropout (p=0.1) and one random swap of two words.")
+                   help="Second caption (the text view of --inmodal-weight, --sep-weight, --gc-aug-weight): "
+                        "'none' = no text view: the text halves of inmodal and sep_icon are skipped and "
+                        "z^a_T = z_T in gc_aug; 'captions' = another caption of the same sample: the "
+                        "train data's caption (webdataset <key>.txt, CSV caption column) holds several "
+                        "captions, one per line; each step uses one line as the caption and a different "
+                        "line as its view (a sample with a single caption gets its EDA copy); 'eda' = "
+                        "EDA-style random word dropout (p=0.1) and one random swap of two words.")
     return parser
 
 

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import random
 import types
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -119,20 +119,58 @@ class EDA:
         return " ".join(kept)
 
 
-class TwoCaptions:
-    """Tokenizer wrapper: ``[N, 2, L]`` tokens (caption, augmented caption) for N captions."""
+class EDAPair:
+    """``--text-aug eda``: (the caption, its EDA copy)."""
 
-    def __init__(self, tokenizer: Callable, augment: Callable[[str], str]):
-        self.tokenizer, self.augment = tokenizer, augment
+    def __init__(self, eda: Optional[EDA] = None):
+        self.eda = eda or EDA()
+
+    def __call__(self, text: str, rng=random) -> Tuple[str, str]:
+        return str(text), self.eda(text, rng)
+
+
+def split_captions(text: str) -> List[str]:
+    """The captions of one sample: the non-empty lines of its caption text, stripped."""
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+class CaptionPair:
+    """``--text-aug captions``: two DIFFERENT captions of the same sample, drawn at random each time
+    (several captions per sample, one per line of the sample's caption text, as in COCO-style and
+    recaptioned data: webdataset ``<key>.txt``, or a CSV caption cell). The first is the caption the
+    contrastive loss sees, the second its text view. A sample with a single caption falls back to
+    (caption, EDA copy); one with no caption keeps its text unchanged for both."""
+
+    def __init__(self, fallback: Optional[EDAPair] = None):
+        self.fallback = fallback or EDAPair()
+
+    def __call__(self, text: str, rng=random) -> Tuple[str, str]:
+        captions = split_captions(text)
+        if len(captions) >= 2:
+            i, j = rng.sample(range(len(captions)), 2)
+            return captions[i], captions[j]
+        return self.fallback(captions[0] if captions else str(text), rng)
+
+
+TEXT_VIEW_PAIRS = {"eda": EDAPair, "captions": CaptionPair}
+
+
+class TwoCaptions:
+    """Tokenizer wrapper: ``[N, 2, L]`` tokens (caption, its text view) for N caption texts;
+    ``pair(text) -> (caption, view)`` (:class:`EDAPair`, :class:`CaptionPair`)."""
+
+    def __init__(self, tokenizer: Callable, pair: Callable[[str], Tuple[str, str]]):
+        self.tokenizer, self.pair = tokenizer, pair
 
     def __call__(self, texts, *args, **kwargs) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        a = self.tokenizer(texts, *args, **kwargs)
-        b = self.tokenizer([self.augment(t) for t in texts], *args, **kwargs)
+        pairs = [self.pair(t) for t in texts]
+        a = self.tokenizer([p[0] for p in pairs], *args, **kwargs)
+        b = self.tokenizer([p[1] for p in pairs], *args, **kwargs)
         return torch.stack([a, b], dim=1)
 
     def __getattr__(self, name):
-        if name in ("tokenizer", "augment"):
+        if name in ("tokenizer", "pair"):
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -150,7 +188,7 @@ def wrap_get_data(get_data: Callable, get_args: Callable) -> Callable:
         try:
             for k in eval_keys:
                 setattr(args, k, None)
-            data = get_data(args, preprocess_fns, epoch=epoch, tokenizer=TwoCaptions(tokenizer, EDA()))
+            data = get_data(args, preprocess_fns, epoch=epoch, tokenizer=TwoCaptions(tokenizer, TEXT_VIEW_PAIRS[args.text_aug]()))
             for k in eval_keys:
                 setattr(args, k, saved[k])
             if any(saved[k] for k in eval_keys):

@@ -91,7 +91,7 @@ def test_group_metrics_without_labels_refused_before_training(tmp_path, capsys):
 def all_terms_loss():
     ns = flags.add_arguments(argparse.ArgumentParser()).parse_args(
         ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "1", "--gc-aug-weight", "1",
-         "--bridge-weight", "1", "--sep-weight", "1", "--inmodal-weight", "1"])
+         "--bridge-weight", "1", "--sep-weight", "1", "--inmodal-weight", "1", "--text-aug", "eda"])
     for k, v in dict(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
                      horovod=False, distill=False, siglip=False, model="structure-tiny",
                      loss_dist_impl=None).items():
@@ -99,8 +99,8 @@ def all_terms_loss():
     return create_loss(ns)
 
 
-FEATURE_KEYS = ["image_features", "text_features", "image_aug_features", "image_ind_features",
-                "text_ind_features", "image_aug_ind_features", "text_aug_ind_features"]
+FEATURE_KEYS = ["image_features", "text_features", "image_aug_features", "text_aug_features",
+                "image_ind_features", "text_ind_features", "image_aug_ind_features", "text_aug_ind_features"]
 
 
 def make_features(raw):

@@ -92,7 +92,7 @@ def test_eda_and_two_caption_tokenizer():
     outs = {EDA()(caption, rng=rng) for _ in range(20)}
     assert len(outs) > 1 and all(set(o.split()) <= set(caption.split()) for o in outs)
     assert EDA()("seven", rng=rng) == "seven"  # one word is always kept
-    tok = TwoCaptions(open_clip.get_tokenizer("structure-tiny"), augment=lambda s: s + " again")
+    tok = TwoCaptions(open_clip.get_tokenizer("structure-tiny"), pair=lambda s, rng=None: (s, s + " again"))
     t = tok("a seven")
     assert t.shape == (1, 2, 16) and not torch.equal(t[0, 0], t[0, 1])
     assert torch.equal(t[0, 0], open_clip.tokenize(["a seven"], context_length=16)[0])

@@ -48,28 +48,37 @@ class InModalContrastive(RegularizerTerm):
     InfoNCE of the original view (rows) against the augmented view (columns) of the global batch,
     positive = the same sample, one direction (original -> augmented) as in CyCLIP's code.
 
-    Keys: ``image``, ``image_aug``, ``text``, ``text_aug`` (no text augmentation: pass
-    ``text_aug = text``). Temperature: the CLIP logit scale of the step (``exp`` of the learnt
-    log-scale, as open_clip passes it), read from ``FeatureBatch.logit_scale``; its gradient flows
-    into the logit scale as in CyCLIP. Statistics: [image CE sum, text CE sum, local rows].
+    Keys: ``image``, ``image_aug``, ``text``, ``text_aug``. ``text=False`` drops the text half (the
+    loss is then ``L_V2Va`` alone, keys ``image``, ``image_aug``): without a real second caption
+    the text half would contrast each caption with itself, which carries no invariance signal and
+    only pushes captions apart; the launcher does this under ``--text-aug none``. Temperature: the
+    CLIP logit scale of the step (``exp`` of the learnt log-scale, as open_clip passes it), read
+    from ``FeatureBatch.logit_scale``; its gradient flows into the logit scale as in CyCLIP.
+    Statistics: [image CE sum, text CE sum (0 without the text half), local rows].
     """
 
     name = "inmodal"
-    keys = ("image", "image_aug", "text", "text_aug")
+
+    def __init__(self, text: bool = True):
+        super().__init__()
+        self.text = bool(text)
+        self.keys = ("image", "image_aug", "text", "text_aug") if self.text else ("image", "image_aug")
 
     def statistics(self, batch: FeatureBatch) -> torch.Tensor:
         scale = _check_logit_scale(batch.logit_scale, "inmodal")
         _check_paired("in-modal contrastive (inmodal)", {"image": batch.rows("image"),
                                                           "image_aug": batch.rows("image_aug")})
-        _check_paired("in-modal contrastive (inmodal)", {"text": batch.rows("text"),
-                                                          "text_aug": batch.rows("text_aug")})
         diag = batch.diagonal_index()
         ce_v = _info_nce_sum(batch.rows("image"), batch.cols("image_aug"), diag, scale)
-        ce_t = _info_nce_sum(batch.rows("text"), batch.cols("text_aug"), diag, scale)
+        ce_t = ce_v.new_zeros(())
+        if self.text:
+            _check_paired("in-modal contrastive (inmodal)", {"text": batch.rows("text"),
+                                                              "text_aug": batch.rows("text_aug")})
+            ce_t = _info_nce_sum(batch.rows("text"), batch.cols("text_aug"), diag, scale)
         return torch.stack([ce_v, ce_t, row_count(batch, ce_v)])
 
     def finalize(self, stats: torch.Tensor) -> torch.Tensor:
-        return (stats[0] + stats[1]) / (2 * stats[2])
+        return (stats[0] + stats[1]) / ((2 if self.text else 1) * stats[2])
 
     def forward(self, features: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]],
                 logit_scale: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -89,14 +89,19 @@ class SeparationInModalContrast(RegularizerTerm):
     Keys: ``image_ind``, ``image_aug_ind``, ``text_ind``, ``text_aug_ind``.
     ``temperature`` (default 0.1; the spec leaves it open, our choice, a SimCLR-style fixed value
     since the independent heads have no learnt logit scale of their own): logits are
-    ``<u, v> / temperature``. Statistics: [image CE sum, text CE sum, local rows].
+    ``<u, v> / temperature``. ``text=False`` drops the text half (keys ``image_ind``,
+    ``image_aug_ind``; the loss is the image InfoNCE alone), for training without a real second
+    caption, where it would contrast each caption's independent features with themselves.
+    Statistics: [image CE sum, text CE sum (0 without the text half), local rows].
     """
 
     name = "sep_icon"
-    keys = ("image_ind", "image_aug_ind", "text_ind", "text_aug_ind")
 
-    def __init__(self, temperature: float = 0.1):
+    def __init__(self, temperature: float = 0.1, text: bool = True):
         super().__init__()
+        self.text = bool(text)
+        self.keys = (("image_ind", "image_aug_ind", "text_ind", "text_aug_ind") if self.text
+                     else ("image_ind", "image_aug_ind"))
         try:
             temperature = float(temperature)
         except (TypeError, ValueError):
@@ -108,15 +113,17 @@ class SeparationInModalContrast(RegularizerTerm):
     def statistics(self, batch: FeatureBatch) -> torch.Tensor:
         where = "separation in-modal contrast (sep_icon)"
         _check_paired(where, {"image_ind": batch.rows("image_ind"), "image_aug_ind": batch.rows("image_aug_ind")})
-        _check_paired(where, {"text_ind": batch.rows("text_ind"), "text_aug_ind": batch.rows("text_aug_ind")})
         diag = batch.diagonal_index()
         scale = 1.0 / self.temperature
         ce_v = _info_nce_sum(batch.rows("image_ind"), batch.cols("image_aug_ind"), diag, scale)
-        ce_t = _info_nce_sum(batch.rows("text_ind"), batch.cols("text_aug_ind"), diag, scale)
+        ce_t = ce_v.new_zeros(())
+        if self.text:
+            _check_paired(where, {"text_ind": batch.rows("text_ind"), "text_aug_ind": batch.rows("text_aug_ind")})
+            ce_t = _info_nce_sum(batch.rows("text_ind"), batch.cols("text_aug_ind"), diag, scale)
         return torch.stack([ce_v, ce_t, row_count(batch, ce_v)])
 
     def finalize(self, stats: torch.Tensor) -> torch.Tensor:
-        return (stats[0] + stats[1]) / (2 * stats[2])
+        return (stats[0] + stats[1]) / ((2 if self.text else 1) * stats[2])
 
 
 class SeparationUniformity(RegularizerTerm):
