@@ -159,3 +159,32 @@ def test_ddp_training_follows_the_single_process_run(results, index, world_size)
     # lr 0.05: an unscaled regularizer moves parameters by ~1e-2 here; round-off, amplified by
     # AdamW's normalisation of near-zero gradient entries, stays at ~1e-9
     assert diff < 1e-7
+
+
+def test_scale_table_and_startup_message():
+    """The factor the terms use, and the one-line reason the launcher logs (a warning when open_clip's
+    base gradient is not a scaled single-process gradient: the flags to use instead are named)."""
+    from torch import nn
+    from open_clip.loss import ClipLoss, CoCaLoss, DistillClipLoss, SigLipLoss
+
+    from openclip_structure.scaling import base_gradient_scale
+
+    def clip(ll, gg, cls=ClipLoss, **kw):
+        return cls(local_loss=ll, gather_with_grad=gg, rank=0, world_size=8, **kw)
+
+    cases = [
+        (clip(False, False), 1 / 8, True), (clip(True, True), 1.0, True), (clip(False, True), 1.0, True),
+        (clip(True, False), 1.0, False), (clip(False, False, DistillClipLoss), 1 / 8, True),
+        (clip(False, False, CoCaLoss, caption_loss_weight=2.0, clip_loss_weight=1.0), 1 / 8, False),
+        (clip(True, True, CoCaLoss, caption_loss_weight=2.0, clip_loss_weight=1.0), 1.0, True),
+        (SigLipLoss(rank=0, world_size=8, dist_impl="reduce"), 1.0, True), (nn.MSELoss(), 1.0, False),
+    ]
+    for base, factor, exact in cases:
+        s = base_gradient_scale(base, 8)
+        assert (s.factor, s.exact, s.logit_scale) == (pytest.approx(factor), exact, 1.0), type(base).__name__
+        if isinstance(base, nn.MSELoss):
+            assert "unknown" in s.reason
+        else:
+            assert ("--local-loss --gather-with-grad" in s.reason) == (not exact), s.reason
+        assert base_gradient_scale(base, 1).factor == 1.0
+    assert "1/8" in base_gradient_scale(clip(False, False), 8).reason
