@@ -11,7 +11,10 @@ pairs that cross process boundaries contribute on both sides.
 
 Memory: a term never builds more than ``B_local x B_global`` per process, whatever the
 ``--local-loss``/``--gather-with-grad`` setting of the base loss; the regularizers are exact in
-every combination of those flags.
+every combination of those flags. open_clip's base loss is not always (with its default flags it
+applies 1/W of its single-process gradient): the composite loss then scales the terms' gradients by
+the same factor (:func:`scale_grad`, :mod:`openclip_structure.scaling`), so that a weight means the
+same on any number of processes.
 """
 from __future__ import annotations
 
