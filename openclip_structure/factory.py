@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from .distributed import FeatureBatch, distributed_context, reduce_statistics, scale_grad
-from .flags import regularizers_enabled, text_views_enabled
-from .losses import (AlignTruePairs, AugmentedGeometricConsistency, BrownianBridge, CentroidUniformity,
-                     GeometricConsistency, InModalContrastive, ModalityUniformity, RegularizerTerm,
-                     SeparationInModalContrast, SeparationOrthogonality, SeparationUniformity)
+from . import registry
+from .losses import RegularizerTerm
+from .registry import regularizers_enabled, text_views_enabled
 from .scaling import base_gradient_scale
 from .schedule import GAP_RAMP_KNOTS, PROGRESS, PiecewiseLinear, TrainingProgress, constant
 
@@ -76,37 +75,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_terms(args) -> List[Tuple[RegularizerTerm, PiecewiseLinear]]:
-    """The enabled regularizer terms with their weight schedules, from parsed flags."""
+    """The enabled regularizer terms with their weight schedules, from parsed flags (one entry of
+    :data:`openclip_structure.registry.TERMS` per weight flag; all of a method's terms share its weight)."""
     terms: List[Tuple[RegularizerTerm, PiecewiseLinear]] = []
-
-    def schedule(name: str, w: float) -> PiecewiseLinear:
-        if args.gap_schedule == "ramp":
-            return PiecewiseLinear(w, GAP_RAMP_KNOTS[name])
-        return constant(w)
-
-    if args.gap_atp_weight > 0:
-        terms.append((AlignTruePairs(anchor=args.gap_anchor), schedule("gap_atp", args.gap_atp_weight)))
-    if args.gap_cu_weight > 0:
-        cls = CentroidUniformity if args.gap_uniformity == "centroid" else ModalityUniformity
-        terms.append((cls(t=args.gap_uniformity_t), schedule("gap_cu", args.gap_cu_weight)))
-    # latent modality structures (Jiang et al., CVPR 2023) and CyCLIP's in-modal terms: constant weights
-    if getattr(args, "gc_weight", 0) > 0:
-        terms.append((GeometricConsistency(), constant(args.gc_weight)))
-    if getattr(args, "gc_aug_weight", 0) > 0:
-        terms.append((AugmentedGeometricConsistency(), constant(args.gc_aug_weight)))
-    if getattr(args, "bridge_weight", 0) > 0:
-        t = getattr(args, "bridge_t", 0.25)
-        # same seed on every rank: the per-sample t of the global batch equals one process's draws
-        seed = int(getattr(args, "seed", 0) or 0) if t == "uniform" else None
-        terms.append((BrownianBridge(t=t, seed=seed), constant(args.bridge_weight)))
-    text = text_views_enabled(args)  # a real second caption: else the text halves are skipped
-    if getattr(args, "sep_weight", 0) > 0:
-        for term in (SeparationOrthogonality(),
-                     SeparationInModalContrast(temperature=args.sep_temperature, text=text),
-                     SeparationUniformity()):
-            terms.append((term, constant(args.sep_weight)))
-    if getattr(args, "inmodal_weight", 0) > 0:
-        terms.append((InModalContrastive(text=text), constant(args.inmodal_weight)))
+    for spec in registry.enabled(args):
+        w = spec.weight(args)
+        for term in spec.build(args):
+            ramp = spec.gap_schedule and getattr(args, "gap_schedule", "constant") == "ramp"
+            terms.append((term, PiecewiseLinear(w, GAP_RAMP_KNOTS[term.name]) if ramp else constant(w)))
     return terms
 
 
@@ -114,7 +90,7 @@ def skipped_halves(args) -> List[str]:
     """Startup notes on the text halves :func:`build_terms` leaves out (no second caption)."""
     if text_views_enabled(args):
         return []
-    names = [n for n, k in (("inmodal", "inmodal_weight"), ("sep_icon", "sep_weight")) if getattr(args, k, 0) > 0]
+    names = [t.name for t, _ in build_terms(args) if getattr(t, "text", None) is False]
     if not names:
         return []
     return [f"--text-aug none: the text halves of {' and '.join(names)} are skipped (a caption contrasted "
