@@ -6,8 +6,10 @@ terms) need the embedding of an augmented view of each image (and, optionally, o
 * :class:`TwoViews` wraps open_clip's train preprocess: ``img -> torch.stack([base(img), aug(img)])``
   (``[2, C, H, W]``), so open_clip's csv/webdataset/synthetic datasets and their collation carry
   both views as a ``[B, 2, C, H, W]`` batch, with no change to open_clip.
-* :class:`TwoCaptions` wraps the tokenizer of the TRAIN dataset only (``--text-aug eda``): each
-  caption becomes ``[2, L]`` tokens (the caption and an EDA-style perturbed copy).
+* :class:`TwoCaptions` wraps the tokenizer of the TRAIN dataset only (``--text-aug captions|eda``):
+  each caption text becomes ``[2, L]`` tokens, the caption and its text view: with ``captions``
+  two different lines of a multi-caption sample (:class:`CaptionPair`), with ``eda`` the caption
+  and an EDA-style perturbed copy (:class:`EDAPair`).
 * :func:`install_forward` replaces the ``forward`` of the created model INSTANCE. With 5-D images
   (or 3-D texts) it encodes both views in ONE image-tower forward of ``2B`` images and returns
   open_clip's output dict plus batch-first ``image_aug_features`` (``text_aug_features``) and, when
