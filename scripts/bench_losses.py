@@ -5,6 +5,7 @@ open_clip's own ``ClipLoss`` on the same features, in the same process, interlea
     python scripts/bench_losses.py --quick         # tiny smoke run (seconds)
     python scripts/bench_losses.py --scaling       # time/peak memory vs B_global -> docs/scaling.png
     python scripts/bench_losses.py --json out.json # also write every number as JSON ('-' = stdout)
+    python scripts/bench_losses.py --device cuda --b-local 256 1024 --world 8 64   # on a GPU
 
 Grid: B_local in {256, 1024} x simulated world size in {1, 8} x D in {512, 1024}, float32.
 Results and discussion: docs/performance.md.
@@ -27,6 +28,10 @@ of the two ClipLoss runs around it (paired, so drift and load bursts of other pr
 machine cancel); times shown are medians. Wall and process-CPU time are both recorded; the
 headline ratios use CPU time with 1 torch thread (robust to other jobs on the cores), wall time
 otherwise (``--clock``).
+
+On ``--device cuda`` the features live on the GPU, every timed call is bracketed by
+``torch.cuda.synchronize()``, the headline ratios use wall time, and ``peak`` is
+``torch.cuda.max_memory_allocated()`` over one fwd+bwd minus the memory allocated before it.
 
 Memory, per case, from one fwd+bwd after all timings: ``peak``: the peak increase of resident
 memory (see :class:`PeakRSS`: every tensor > 64 KiB is its own mmap, so this is the peak of live
@@ -66,7 +71,7 @@ from openclip_structure.schedule import constant  # noqa: E402
 
 # ---- machine, memory, statistics helpers (also used by bench_step.py) -------------------------
 
-def machine_info() -> Dict[str, object]:
+def machine_info(device: str = "cpu") -> Dict[str, object]:
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -87,7 +92,8 @@ def machine_info() -> Dict[str, object]:
         load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "open_clip": oc, "python": platform.python_version(),
-            "device": "cpu", "dtype": "float32", "load_avg_1min_at_start": load}
+            "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
+            "dtype": "float32", "load_avg_1min_at_start": load}
 
 
 def describe(info: Dict[str, object]) -> str:
@@ -198,16 +204,17 @@ KEYS = ["image", "text", "image_aug", "text_aug", "image_ind", "text_ind", "imag
 class Setup:
     """Features of one (B_local, W, D) configuration and the simulated gathers."""
 
-    def __init__(self, b_local: int, world: int, dim: int, seed: int = 0):
+    def __init__(self, b_local: int, world: int, dim: int, seed: int = 0, device: str = "cpu"):
         self.b_local, self.world, self.dim = b_local, world, dim
+        self.device = torch.device(device)
         self.n_global = b_local * world
         self.rank = world // 2  # a middle rank: other ranks' rows on both sides
         self.offset = self.rank * b_local
-        g = torch.Generator().manual_seed(seed)
-        base = F.normalize(torch.randn(self.n_global, dim, generator=g), dim=-1)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        base = F.normalize(torch.randn(self.n_global, dim, generator=g, device=self.device), dim=-1)
 
         def near(x, s):  # correlated modalities/views, as real embeddings are
-            return F.normalize(x + s * torch.randn(x.shape, generator=g), dim=-1)
+            return F.normalize(x + s * torch.randn(x.shape, generator=g, device=self.device), dim=-1)
 
         glob = {"image": base, "text": near(base, 1.0)}
         glob["image_aug"] = near(glob["image"], 0.5)
@@ -216,7 +223,7 @@ class Setup:
             glob[k + "_ind"] = near(glob[k], 2.0)
         self.glob = glob
         self.local = {k: v[self.offset:self.offset + b_local].clone().requires_grad_() for k, v in glob.items()}
-        self.log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+        self.log_scale = torch.tensor(math.log(1 / 0.07), device=self.device, requires_grad=True)
         self._by_id: Dict[int, str] = {}
 
     def gathered(self, x: torch.Tensor, key: Optional[str] = None) -> torch.Tensor:
@@ -227,6 +234,11 @@ class Setup:
     def zero_grad(self) -> None:
         for t in list(self.local.values()) + [self.log_scale]:
             t.grad = None
+
+    def sync(self) -> None:
+        """Wait for queued GPU work (a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
     def simulated_distributed(self):
@@ -277,10 +289,12 @@ class Setup:
 def measure_case(setup: Setup, run: Callable[[], None], inner: int) -> Tuple[float, float]:
     """(wall seconds, process CPU seconds) per fwd+bwd, from ``inner`` back-to-back calls."""
     setup.zero_grad()
+    setup.sync()
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(inner):
         run()
         setup.zero_grad()
+    setup.sync()
     return (time.perf_counter() - t0) / inner, (time.process_time() - c0) / inner
 
 
@@ -294,9 +308,9 @@ def saved_bytes(setup: Setup, run: Callable[[], None]) -> int:
 
 
 def bench_config(b_local: int, world: int, dim: int, cases: List[str], reps: int, min_time: float,
-                 seed: int = 0, warmup: bool = True) -> Dict[str, object]:
+                 seed: int = 0, warmup: bool = True, device: str = "cpu") -> Dict[str, object]:
     """Times of every case of one configuration (see the module docstring for the pairing)."""
-    setup = Setup(b_local, world, dim, seed=seed)
+    setup = Setup(b_local, world, dim, seed=seed, device=device)
     names = ["clip"] + cases
     with setup.simulated_distributed():
         runs = {n: setup.runner(n) for n in names}
@@ -343,21 +357,31 @@ def bench_config(b_local: int, world: int, dim: int, cases: List[str], reps: int
     return out
 
 
-def memory_config(cfg: Dict[str, object], rss: PeakRSS, with_saved: bool = True, seed: int = 0) -> None:
+def memory_config(cfg: Dict[str, object], rss: Optional[PeakRSS], with_saved: bool = True, seed: int = 0,
+                  device: str = "cpu") -> None:
     """Add peak memory (and saved-for-backward bytes) of one fwd+bwd of every case to ``cfg``.
 
     Run after all timings: pinning glibc's mmap threshold (see :class:`PeakRSS`) makes every large
-    allocation a fresh mmap with page faults, which would distort the times."""
-    setup = Setup(cfg["B_local"], cfg["world"], cfg["D"], seed=seed)
+    allocation a fresh mmap with page faults, which would distort the times. On CUDA (``rss``
+    None) the peak is the allocator's ``max_memory_allocated`` minus what was allocated before."""
+    setup = Setup(cfg["B_local"], cfg["world"], cfg["D"], seed=seed, device=device)
     unit = cfg["unit_bytes"]
     with setup.simulated_distributed():
         for n, entry in cfg["cases"].items():
             run = setup.runner(n)
             run()  # lazy init outside the measurement
             setup.zero_grad()
-            rss.reset()
-            run()
-            peak = rss.peak()
+            if rss is None:
+                setup.sync()
+                torch.cuda.reset_peak_memory_stats(setup.device)
+                before = torch.cuda.memory_allocated(setup.device)
+                run()
+                setup.sync()
+                peak = float(torch.cuda.max_memory_allocated(setup.device) - before)
+            else:
+                rss.reset()
+                run()
+                peak = rss.peak()
             setup.zero_grad()
             entry.update(peak_mb=peak / 2 ** 20, peak_units=peak / unit)
             if with_saved:
@@ -461,11 +485,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                    help="torch.set_num_threads (default: torch's own; 1 with --quick)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="time behind the headline ratios: process CPU time (robust on a shared machine, "
-                        "meaningful with 1 thread) or wall time; auto = cpu with 1 torch thread, else wall")
+                        "meaningful with 1 thread) or wall time; auto = cpu with 1 torch thread on CPU, "
+                        "else wall (always wall on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (features, losses and memory there)")
     args = p.parse_args(argv)
+    device = args.device
+    if device != "cpu":
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            p.error(f"--device {device}: only cpu or an available CUDA device (cuda, cuda:N) is supported")
+        if args.scaling:
+            p.error("--scaling runs on CPU only (it draws docs/scaling.png)")
     if args.threads or args.quick:  # quick: 1 thread, robust to other load on the machine
         torch.set_num_threads(args.threads or 1)
-    clock = args.clock if args.clock != "auto" else ("cpu" if torch.get_num_threads() == 1 else "wall")
+    clock = args.clock if args.clock != "auto" else (
+        "cpu" if torch.get_num_threads() == 1 and device == "cpu" else "wall")
+    if device != "cpu" and clock == "cpu":
+        p.error("--clock cpu measures host CPU time, not GPU work: use --clock wall with --device cuda")
     if args.plot_from:
         with open(args.plot_from) as f:
             scaling_plot(json.load(f), args.plot)
@@ -475,7 +510,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     def log(*a):
         print(*a, file=stream, flush=True)
 
-    info = machine_info()
+    info = machine_info(device)
     log(describe(info) + f"; headline ratios from {clock} time")
     cases = args.cases or list(CASES)
     res: Dict[str, object] = {"machine": info, "cases": cases, "configs": [], "clock": clock}
@@ -508,15 +543,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             reps, min_time = args.reps or 4, args.min_time if args.min_time is not None else 0.05
         res["mode"] = "quick" if args.quick else "grid"
         for bl, w, d in grid:
-            res["configs"].append(bench_config(bl, w, d, cases, reps, min_time))
+            res["configs"].append(bench_config(bl, w, d, cases, reps, min_time, device=device))
             log(f"B_local={bl} world={w} D={d}: timed ({time.time() - t_start:.0f} s)")
     set_ratio(res, clock)
     # memory last (see memory_config)
-    rss = PeakRSS()
-    res["peak_memory_method"] = ("peak RSS increase over one fwd+bwd, glibc mmap threshold pinned at 64 KiB"
-                                 if rss.available else "unavailable")
+    rss = PeakRSS() if device == "cpu" else None
+    if rss is None:
+        res["peak_memory_method"] = "torch.cuda.max_memory_allocated over one fwd+bwd minus the memory allocated before"
+    else:
+        res["peak_memory_method"] = ("peak RSS increase over one fwd+bwd, glibc mmap threshold pinned at 64 KiB"
+                                     if rss.available else "unavailable")
     for cfg in res["configs"]:
-        memory_config(cfg, rss, with_saved=not args.scaling)
+        memory_config(cfg, rss, with_saved=not args.scaling, device=device)
         log(table(cfg) + "\n")
     if args.scaling:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
