@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SECTIONS = ["cuda_tests", "train_throughput", "loss_bench", "fsdp", "precision"]
 #: wall-time cap per section in seconds (real mode: 470 s in all, inside the 8-minute budget)
-CAPS = {"cuda_tests": 60, "train_throughput": 200, "loss_bench": 75, "fsdp": 75, "precision": 60}
+CAPS = {"cuda_tests": 60, "train_throughput": 190, "loss_bench": 60, "fsdp": 100, "precision": 60}
 DRY_CAPS = {s: 300 for s in SECTIONS}
 
 #: section 2's configurations -> bench_step.CONFIGS entries whose plugin flags they join
@@ -69,10 +69,10 @@ def plan(dry: bool) -> Dict[str, Dict]:
                 "precision": ["--model", "structure-tiny", "--batch", "8", "--steps", "6", "--threads", "1",
                               "--configs", "baseline", "all"]}
     workers = max(1, min(12, (os.cpu_count() or 4) - 2))
-    return {"train": dict(model="ViT-B-32", batch=256, steps=150, log_every=10, workers=workers),
+    return {"train": dict(model="ViT-B-32", batch=256, steps=100, log_every=10, workers=workers),
             "loss_bench": ["--device", "cuda", "--b-local", "256", "1024", "--world", "8", "64",
                            "--dim", "512", "1024", "--reps", "3", "--min-time", "0.02"],
-            "fsdp": dict(model="ViT-B-32", batch=32, steps=6, lr=1e-4),
+            "fsdp": dict(model="ViT-B-32", batch=32, steps=8, lr=3e-4),
             "precision": ["--device", "cuda", "--model", "small", "--batch", "128", "--steps", "30"]}
 
 
@@ -274,13 +274,13 @@ def section_loss_bench(ctx: Dict, deadline: Deadline) -> Dict:
 
 # ---- 4. FSDP2 vs DDP ---------------------------------------------------------------------------------
 
-def fsdp_launch(ctx: Dict, deadline: Deadline, nproc: int, modes: str, share: bool) -> Dict:
+def fsdp_launch(ctx: Dict, deadline: Deadline, nproc: int, modes: str, share: bool, cap: float = math.inf) -> Dict:
     p = ctx["plan"]["fsdp"]
     path = os.path.join(ctx["tmp"], f"fsdp_{nproc}.json")
     cmd = [sys.executable, os.path.join(HERE, "bench_fsdp.py"), "--nproc", str(nproc), "--modes", modes,
            "--model", p["model"], "--batch", str(p["batch"] // nproc), "--steps", str(p["steps"]),
            "--lr", str(p["lr"]), "--device", ctx["device"], "--plugin-flags=" + FSDP_FLAGS, "--json", path]
-    r = run(cmd + (["--share-device"] if share else []), deadline.left())
+    r = run(cmd + (["--share-device"] if share else []), min(cap, deadline.left()))
     r["results"] = read_json(path) if r["rc"] == 0 and os.path.exists(path) else None
     return r
 
@@ -291,7 +291,8 @@ def section_fsdp(ctx: Dict, deadline: Deadline) -> Dict:
         return {"status": "failed", "error": ("timed out: " if one["timed_out"] else "") + tail(one, 3000)}
     runs = {f"{r['mode']}_{r['world_size']}rank": r for r in one["results"]}
     ref = runs["ddp_1rank"]["ranks"][0]["losses"]
-    two = fsdp_launch(ctx, deadline, 2, "fsdp", share=ctx["device"] == "cuda")
+    # NCCL refuses two ranks on one GPU at its first collective: 60 s is plenty to find out
+    two = fsdp_launch(ctx, deadline, 2, "fsdp", share=ctx["device"] == "cuda", cap=60)
     two_ranks: Dict = {}
     if two["results"] is not None:
         runs.update({f"{r['mode']}_{r['world_size']}rank": r for r in two["results"]})
@@ -306,7 +307,7 @@ def section_fsdp(ctx: Dict, deadline: Deadline) -> Dict:
     out = {"model": ctx["plan"]["fsdp"]["model"], "plugin_flags": FSDP_FLAGS, "reference": "ddp_1rank",
            "reference_losses": ref, "two_ranks": two_ranks, "runs": {}}
     problems = []
-    if not abs(ref[-1] - ref[0]) > 100 * FSDP_RTOL * abs(ref[0]):
+    if not abs(ref[-1] - ref[0]) > 20 * FSDP_RTOL * abs(ref[0]):
         problems.append(f"the reference loss barely moved ({ref}): the comparison would say nothing")
     for name, r in runs.items():
         losses = r["ranks"][0]["losses"]
