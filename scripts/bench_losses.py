@@ -29,7 +29,10 @@ machine cancel); times shown are medians. Wall and process-CPU time are both rec
 headline ratios use CPU time with 1 torch thread (robust to other jobs on the cores), wall time
 otherwise (``--clock``).
 
-On ``--device cuda`` the features live on the GPU, every timed call is bracketed by
+``--amp-bf16``: the features are bfloat16 and every forward runs under bf16 autocast, as in
+training with ``--precision amp_bf16`` (ClipLoss's logits matmul then runs in bf16; the
+regularizers convert to float32 outside autocast, as they always do). On ``--device cuda`` the
+features live on the GPU, every timed call is bracketed by
 ``torch.cuda.synchronize()``, the headline ratios use wall time, and ``peak`` is
 ``torch.cuda.max_memory_allocated()`` over one fwd+bwd minus the memory allocated before it.
 
@@ -204,9 +207,10 @@ KEYS = ["image", "text", "image_aug", "text_aug", "image_ind", "text_ind", "imag
 class Setup:
     """Features of one (B_local, W, D) configuration and the simulated gathers."""
 
-    def __init__(self, b_local: int, world: int, dim: int, seed: int = 0, device: str = "cpu"):
+    def __init__(self, b_local: int, world: int, dim: int, seed: int = 0, device: str = "cpu", amp: bool = False):
         self.b_local, self.world, self.dim = b_local, world, dim
         self.device = torch.device(device)
+        self.amp = amp
         self.n_global = b_local * world
         self.rank = world // 2  # a middle rank: other ranks' rows on both sides
         self.offset = self.rank * b_local
@@ -221,14 +225,23 @@ class Setup:
         glob["text_aug"] = near(glob["text"], 0.3)
         for k in ("image", "text", "image_aug", "text_aug"):
             glob[k + "_ind"] = near(glob[k], 2.0)
+        # other ranks' rows as each gather receives them: the terms gather float32 (they convert
+        # first); with amp, open_clip's ClipLoss gathers the model's bf16 output
+        self.glob32 = glob
+        if amp:
+            glob = {k: v.to(torch.bfloat16) for k, v in glob.items()}
         self.glob = glob
         self.local = {k: v[self.offset:self.offset + b_local].clone().requires_grad_() for k, v in glob.items()}
         self.log_scale = torch.tensor(math.log(1 / 0.07), device=self.device, requires_grad=True)
         self._by_id: Dict[int, str] = {}
 
     def gathered(self, x: torch.Tensor, key: Optional[str] = None) -> torch.Tensor:
-        key = key or self._by_id[id(x)]
-        g = self.glob[key]
+        if key is None:
+            leaf = x
+            if id(x) not in self._by_id and x.grad_fn is not None:  # a float32 copy of a bf16 leaf (amp)
+                leaf = x.grad_fn.next_functions[0][0].variable
+            key = self._by_id[id(leaf)]
+        g = self.glob[key] if x.dtype == self.glob[key].dtype else self.glob32[key]
         return torch.cat([g[:self.offset], x, g[self.offset + self.b_local:]], dim=0)
 
     def zero_grad(self) -> None:
@@ -262,15 +275,20 @@ class Setup:
         finally:
             osd._gather_with_grad, ocl.gather_features, osd.dist.all_reduce = orig_gather, orig_oc_gather, orig_all_reduce
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     def runner(self, case: str) -> Callable[[], None]:
-        """fwd+bwd of one case (``"clip"`` = open_clip's ClipLoss)."""
+        """fwd+bwd of one case (``"clip"`` = open_clip's ClipLoss); forward under autocast with
+        ``amp``, backward outside it (as open_clip_train does)."""
         from open_clip.loss import ClipLoss
 
         clip = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
                         rank=self.rank, world_size=self.world)
         if case == "clip":
             def run():
-                out = clip(self.local["image"], self.local["text"], self.log_scale.exp())
+                with self.autocast():
+                    out = clip(self.local["image"], self.local["text"], self.log_scale.exp())
                 out.backward()
             return run
         factory, text_aug = CASES[case]
@@ -281,7 +299,8 @@ class Setup:
         self._by_id.update({id(self.local[k]): k for k in keys})
 
         def run():
-            out = loss.regularizer_losses(feats, logit_scale=self.log_scale.exp())
+            with self.autocast():
+                out = loss.regularizer_losses(feats, logit_scale=self.log_scale.exp())
             sum(out.values()).backward()
         return run
 
@@ -308,9 +327,9 @@ def saved_bytes(setup: Setup, run: Callable[[], None]) -> int:
 
 
 def bench_config(b_local: int, world: int, dim: int, cases: List[str], reps: int, min_time: float,
-                 seed: int = 0, warmup: bool = True, device: str = "cpu") -> Dict[str, object]:
+                 seed: int = 0, warmup: bool = True, device: str = "cpu", amp: bool = False) -> Dict[str, object]:
     """Times of every case of one configuration (see the module docstring for the pairing)."""
-    setup = Setup(b_local, world, dim, seed=seed, device=device)
+    setup = Setup(b_local, world, dim, seed=seed, device=device, amp=amp)
     names = ["clip"] + cases
     with setup.simulated_distributed():
         runs = {n: setup.runner(n) for n in names}
@@ -358,13 +377,13 @@ def bench_config(b_local: int, world: int, dim: int, cases: List[str], reps: int
 
 
 def memory_config(cfg: Dict[str, object], rss: Optional[PeakRSS], with_saved: bool = True, seed: int = 0,
-                  device: str = "cpu") -> None:
+                  device: str = "cpu", amp: bool = False) -> None:
     """Add peak memory (and saved-for-backward bytes) of one fwd+bwd of every case to ``cfg``.
 
     Run after all timings: pinning glibc's mmap threshold (see :class:`PeakRSS`) makes every large
     allocation a fresh mmap with page faults, which would distort the times. On CUDA (``rss``
     None) the peak is the allocator's ``max_memory_allocated`` minus what was allocated before."""
-    setup = Setup(cfg["B_local"], cfg["world"], cfg["D"], seed=seed, device=device)
+    setup = Setup(cfg["B_local"], cfg["world"], cfg["D"], seed=seed, device=device, amp=amp)
     unit = cfg["unit_bytes"]
     with setup.simulated_distributed():
         for n, entry in cfg["cases"].items():
@@ -488,8 +507,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                         "meaningful with 1 thread) or wall time; auto = cpu with 1 torch thread on CPU, "
                         "else wall (always wall on CUDA)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (features, losses and memory there)")
+    p.add_argument("--amp-bf16", action="store_true",
+                   help="bf16 features, forwards under bf16 autocast (as --precision amp_bf16 trains)")
     args = p.parse_args(argv)
     device = args.device
+    if args.amp_bf16 and args.scaling:
+        p.error("--scaling measures float32 only; leave out --amp-bf16")
     if device != "cpu":
         if not device.startswith("cuda") or not torch.cuda.is_available():
             p.error(f"--device {device}: only cpu or an available CUDA device (cuda, cuda:N) is supported")
@@ -513,6 +536,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     info = machine_info(device)
     log(describe(info) + f"; headline ratios from {clock} time")
     cases = args.cases or list(CASES)
+    info["dtype"] = "bfloat16 features, bf16 autocast" if args.amp_bf16 else "float32"
     res: Dict[str, object] = {"machine": info, "cases": cases, "configs": [], "clock": clock}
     t_start = time.time()
     if args.scaling:
@@ -543,7 +567,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             reps, min_time = args.reps or 4, args.min_time if args.min_time is not None else 0.05
         res["mode"] = "quick" if args.quick else "grid"
         for bl, w, d in grid:
-            res["configs"].append(bench_config(bl, w, d, cases, reps, min_time, device=device))
+            res["configs"].append(bench_config(bl, w, d, cases, reps, min_time, device=device, amp=args.amp_bf16))
             log(f"B_local={bl} world={w} D={d}: timed ({time.time() - t_start:.0f} s)")
     set_ratio(res, clock)
     # memory last (see memory_config)
@@ -554,7 +578,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         res["peak_memory_method"] = ("peak RSS increase over one fwd+bwd, glibc mmap threshold pinned at 64 KiB"
                                      if rss.available else "unavailable")
     for cfg in res["configs"]:
-        memory_config(cfg, rss, with_saved=not args.scaling, device=device)
+        memory_config(cfg, rss, with_saved=not args.scaling, device=device, amp=args.amp_bf16)
         log(table(cfg) + "\n")
     if args.scaling:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)

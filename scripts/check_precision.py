@@ -83,18 +83,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     register_model_configs()
     t0 = time.time()
     runs = []
+    res = {"device": args.device, "model": args.model, "batch": args.batch, "steps": args.steps, "lr": args.lr,
+           "planned_runs": len(args.precisions) * len(args.configs), "runs": runs}
     with tempfile.TemporaryDirectory() as tmp:
         model = register_small_config(tmp) if args.model == "small" else args.model
         for precision in args.precisions:
             for name in args.configs:
                 r = check_run(name, model, precision, args.batch, args.steps, args.lr, args.device)
                 runs.append(r)
+                res.update(ok=all(x["ok"] for x in runs), elapsed_s=time.time() - t0)
+                write_json(res, args.json)  # after every run: a run cut off by a time limit keeps these
                 print(f"{precision:9s} {name:14s} {'ok' if r['ok'] else 'FAILED'}  total {r['total_first_third']:.4f} -> "
                       f"{r['total_last_third']:.4f}" + (f"  skipped {r['scaler_skipped_steps']}" if precision == "amp" else "")
                       + ("" if r["ok"] else "  " + "; ".join(r["problems"])), flush=True)
-    res = {"device": args.device, "model": args.model, "batch": args.batch, "steps": args.steps, "lr": args.lr,
-           "runs": runs, "ok": all(r["ok"] for r in runs), "elapsed_s": time.time() - t0}
-    write_json(res, args.json)
     return res
 
 

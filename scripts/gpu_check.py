@@ -16,7 +16,8 @@ Sections (each recorded as ``{"status": "ok" | "skipped" | "failed", "reason"/"e
    (open_clip's ``--dataset-type synthetic`` cannot be used: it reads ``preprocess.transforms[0]``,
    which the launcher's two-view preprocess wrapper lacks.)
 3. ``loss_bench``: ``scripts/bench_losses.py`` on the GPU at B_local 256/1024 x simulated world
-   8/64 x D 512/1024: time and peak memory of every term as ratios to open_clip's ClipLoss.
+   8/64 x D 512/1024, in float32 and as bf16 training runs it (``--amp-bf16``: bf16 features,
+   ClipLoss under autocast): time and peak memory of every term as ratios to open_clip's ClipLoss.
 4. ``fsdp``: ``scripts/bench_fsdp.py`` with the plugin's loss: DDP and FSDP2 on one rank, and FSDP2
    on two ranks sharing the GPU (NCCL normally refuses: then skipped with NCCL's reason); the
    loss trajectories must match the one-rank DDP run's.
@@ -46,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SECTIONS = ["cuda_tests", "train_throughput", "loss_bench", "fsdp", "precision"]
 #: wall-time cap per section in seconds (real mode: 470 s in all, inside the 8-minute budget)
-CAPS = {"cuda_tests": 60, "train_throughput": 190, "loss_bench": 60, "fsdp": 100, "precision": 60}
+CAPS = {"cuda_tests": 45, "train_throughput": 180, "loss_bench": 75, "fsdp": 90, "precision": 80}
 DRY_CAPS = {s: 300 for s in SECTIONS}
 
 #: section 2's configurations -> bench_step.CONFIGS entries whose plugin flags they join
@@ -64,14 +65,15 @@ def plan(dry: bool) -> Dict[str, Dict]:
     """Shapes and step counts of every section (real: GPU-sized; dry: tiny, CPU)."""
     if dry:
         return {"train": dict(model="structure-tiny", batch=8, steps=6, log_every=2, workers=1),
-                "loss_bench": ["--quick"],
+                "loss_bench": {"fp32": ["--quick"], "amp_bf16": ["--quick", "--amp-bf16"]},
                 "fsdp": dict(model="structure-tiny", batch=4, steps=4, lr=1e-3),
                 "precision": ["--model", "structure-tiny", "--batch", "8", "--steps", "6", "--threads", "1",
                               "--configs", "baseline", "all"]}
     workers = max(1, min(12, (os.cpu_count() or 4) - 2))
     return {"train": dict(model="ViT-B-32", batch=256, steps=100, log_every=10, workers=workers),
-            "loss_bench": ["--device", "cuda", "--b-local", "256", "1024", "--world", "8", "64",
-                           "--dim", "512", "1024", "--reps", "3", "--min-time", "0.02"],
+            "loss_bench": {p: ["--device", "cuda", "--b-local", "256", "1024", "--world", "8", "64",
+                               "--dim", "512", "1024", "--reps", "2", "--min-time", "0.01"] + flag
+                           for p, flag in (("fp32", []), ("amp_bf16", ["--amp-bf16"]))},
             "fsdp": dict(model="ViT-B-32", batch=32, steps=8, lr=3e-4),
             "precision": ["--device", "cuda", "--model", "small", "--batch", "128", "--steps", "30"]}
 
@@ -207,7 +209,7 @@ def section_train(ctx: Dict, deadline: Deadline) -> Dict:
                 "--train-num-samples", str(p["batch"] * p["steps"]),
                 "--batch-size", str(p["batch"]), "--epochs", "1", "--model", p["model"], "--precision", "amp_bf16",
                 "--workers", str(p["workers"]), "--log-every-n-steps", str(p["log_every"]), "--logs", "none",
-                "--lr", "5e-4", "--warmup", "10", "--seed", "0"] + flags[name]
+                "--lr", "2e-4", "--warmup", "10", "--seed", "0"] + flags[name]
         r = run([sys.executable, os.path.abspath(__file__), "--train-probe", probe, "--"] + argv, budget)
         entry = parse_train_log(r["out"] + r["err"], p["batch"])
         entry.update(wall_s=round(r["wall_s"], 1), flags=flags[name], truncated=r["timed_out"])
@@ -254,22 +256,28 @@ def train_probe(result: str, argv: List[str]) -> int:
 # ---- 3. loss-only benchmark ----------------------------------------------------------------------
 
 def section_loss_bench(ctx: Dict, deadline: Deadline) -> Dict:
-    path = os.path.join(ctx["tmp"], "loss_bench.json")
-    r = run([sys.executable, os.path.join(HERE, "bench_losses.py"), "--json", path] + ctx["plan"]["loss_bench"],
-            deadline.left())
-    if r["rc"] != 0 or not os.path.exists(path):
-        return {"status": "failed", "error": ("timed out: " if r["timed_out"] else "") + tail(r)}
-    res = read_json(path)
-    configs = []
-    for cfg in res["configs"]:
-        clip = cfg["cases"]["clip"]
-        configs.append({"B_local": cfg["B_local"], "world": cfg["world"], "B_global": cfg["B_global"], "D": cfg["D"],
-                        "clip_ms": clip["ms"], "clip_peak_mb": clip.get("peak_mb"),
-                        "cases": {n: {"time_ratio": e["ratio"],
-                                      "peak_mem_ratio": ratio(e.get("peak_mb"), clip.get("peak_mb"))}
-                                  for n, e in cfg["cases"].items() if n != "clip"}})
-    return {"status": "ok", "device": res["machine"]["device"], "clock": res["clock"],
-            "peak_memory_method": res.get("peak_memory_method"), "configs": configs}
+    out: Dict = {"precisions": {}}
+    runs = ctx["plan"]["loss_bench"]
+    for i, (precision, extra) in enumerate(runs.items()):
+        path = os.path.join(ctx["tmp"], f"loss_bench_{precision}.json")
+        r = run([sys.executable, os.path.join(HERE, "bench_losses.py"), "--json", path] + extra,
+                deadline.left() / (len(runs) - i))
+        if r["rc"] != 0 or not os.path.exists(path):
+            return {"status": "failed", "error": f"{precision}: " + ("timed out: " if r["timed_out"] else "") + tail(r),
+                    **out}
+        res = read_json(path)
+        configs = []
+        for cfg in res["configs"]:
+            clip = cfg["cases"]["clip"]
+            configs.append({"B_local": cfg["B_local"], "world": cfg["world"], "B_global": cfg["B_global"],
+                            "D": cfg["D"], "clip_ms": clip["ms"], "clip_peak_mb": clip.get("peak_mb"),
+                            "cases": {n: {"time_ratio": e["ratio"],
+                                          "peak_mem_ratio": ratio(e.get("peak_mb"), clip.get("peak_mb"))}
+                                      for n, e in cfg["cases"].items() if n != "clip"}})
+        out["precisions"][precision] = {"dtype": res["machine"]["dtype"], "clock": res["clock"],
+                                        "peak_memory_method": res.get("peak_memory_method"), "configs": configs}
+        out["device"] = res["machine"]["device"]
+    return {"status": "ok", **out}
 
 
 # ---- 4. FSDP2 vs DDP ---------------------------------------------------------------------------------
@@ -337,6 +345,8 @@ def section_precision(ctx: Dict, deadline: Deadline) -> Dict:
                                "scaler_skipped_steps")} for x in res["runs"]]
     bad = [f"{x['precision']}/{x['config']}: {'; '.join(x['problems'])}" for x in runs if not x["ok"]]
     out = {"model": res["model"], "steps": res["steps"], "batch": res["batch"], "runs": runs}
+    if r["timed_out"]:
+        bad.append(f"cut off by the section's cap after {len(runs)} of {res['planned_runs']} runs")
     if bad or r["rc"] != 0:
         return {"status": "failed", "error": "; ".join(bad) or tail(r), **out}
     return {"status": "ok", **out}
@@ -363,8 +373,11 @@ def summary(name: str, sec: Dict) -> str:
     if name == "train_throughput":
         return f"{sec['model']} batch {sec['batch']}: see the table below"
     if name == "loss_bench":
-        worst = max((c["cases"]["all"]["time_ratio"], c["B_local"], c["world"], c["D"]) for c in sec["configs"])
-        return f"{len(sec['configs'])} shapes; 'all' up to {worst[0]:.2f}x ClipLoss ({worst[1]}x{worst[2]} D{worst[3]})"
+        parts = []
+        for precision, p in sec["precisions"].items():
+            worst = max((c["cases"]["all"]["time_ratio"], c["B_local"], c["world"], c["D"]) for c in p["configs"])
+            parts.append(f"{precision}: 'all' <= {worst[0]:.2f}x ClipLoss ({worst[1]}x{worst[2]} D{worst[3]})")
+        return f"{len(p['configs'])} shapes; " + "; ".join(parts)
     if name == "fsdp":
         worst = max(r["max_rel_diff"] for r in sec["runs"].values())
         return f"{sorted(sec['runs'])} match DDP (max rel diff {worst:.1e}); 2 ranks: {sec['two_ranks']['status']}"

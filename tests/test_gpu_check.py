@@ -72,11 +72,13 @@ def test_dry_run_numbers_are_sane(dry_run):
         train["configs"]["all"]["last_losses"])
 
     bench = s["loss_bench"]
-    assert bench["status"] == "ok" and bench["configs"]
-    for cfg in bench["configs"]:
-        assert finite_positive(cfg["clip_ms"])
-        for term in TERMS:
-            assert finite_positive(cfg["cases"][term]["time_ratio"]), (term, cfg["cases"][term])
+    assert bench["status"] == "ok" and set(bench["precisions"]) == {"fp32", "amp_bf16"}
+    for precision, p in bench["precisions"].items():
+        assert p["configs"], precision
+        for cfg in p["configs"]:
+            assert finite_positive(cfg["clip_ms"])
+            for term in TERMS:
+                assert finite_positive(cfg["cases"][term]["time_ratio"]), (precision, term, cfg["cases"][term])
 
     fsdp = s["fsdp"]
     assert fsdp["status"] == "ok"
