@@ -143,6 +143,7 @@ def test_two_view_forward_with_heads_matches_cpu_float64():
     images, texts = batch(model)
     ref = model(images.double(), texts)
     other = copy.deepcopy(model).to(DEVICE)
+    assert other.forward.__self__ is other  # the two-view forward is bound to the copy, not the original
     out = other(images.double().to(DEVICE), texts.to(DEVICE))
     keys = {k for k in ref if k.endswith("_features")}
     assert {"image_aug_features", "image_ind_features", "text_ind_features", "image_aug_ind_features"} <= keys
