@@ -96,11 +96,11 @@ def env() -> Dict[str, str]:
     return e
 
 
-def run(cmd: List[str], timeout: float) -> Dict:
+def run(cmd: List[str], timeout: float, cwd: str = ROOT) -> Dict:
     """Run a command to completion or to ``timeout``; the output so far is kept either way."""
     t0 = time.time()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=max(1.0, timeout))
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, timeout=max(1.0, timeout))
         return {"rc": p.returncode, "out": p.stdout, "err": p.stderr, "timed_out": False, "wall_s": time.time() - t0}
     except subprocess.TimeoutExpired as e:
         def text(x):
@@ -214,7 +214,10 @@ def section_train(ctx: Dict, deadline: Deadline) -> Dict:
                 "--batch-size", str(p["batch"]), "--epochs", "1", "--model", p["model"], "--precision", "amp_bf16",
                 "--workers", str(p["workers"]), "--log-every-n-steps", str(p["log_every"]), "--logs", "none",
                 "--lr", "2e-4", "--warmup", "10", "--seed", "0"] + flags[name]
-        r = run([sys.executable, os.path.abspath(__file__), "--train-probe", probe, "--"] + argv, budget)
+        # open_clip writes none/<name>/{out.log,params.txt} even with --logs none (no checkpoint
+        # then): run in the scratch folder so nothing lands in the checkout
+        r = run([sys.executable, os.path.abspath(__file__), "--train-probe", probe, "--"] + argv, budget,
+                cwd=ctx["tmp"])
         entry = parse_train_log(r["out"] + r["err"], p["batch"])
         entry.update(wall_s=round(r["wall_s"], 1), flags=flags[name], truncated=r["timed_out"])
         if os.path.exists(probe):

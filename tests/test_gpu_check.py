@@ -27,8 +27,10 @@ def dry_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHON"] = sys.executable
     env.setdefault("OMP_NUM_THREADS", "1")
+    before = set(os.listdir(ROOT))
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run", "--out", str(out)],
                           capture_output=True, text=True, timeout=900, env=env, cwd="/")
+    proc.new_in_checkout = sorted(set(os.listdir(ROOT)) - before)
     return proc, out
 
 
@@ -36,6 +38,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_writes_every_section(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.new_in_checkout == []  # logs, shards, JSON: all in temporary folders
     res = json.loads(out.read_text())
     assert res["dry_run"] is True and set(res["sections"]) == set(SECTIONS)
     for name, sec in res["sections"].items():
