@@ -25,6 +25,7 @@ features, so the extra tower pass is also back-propagated) and each view term is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -171,8 +172,8 @@ class Runner:
         self.batch = batch
 
     def step(self, record: bool = False) -> Optional[Dict[str, float]]:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+              else contextlib.nullcontext()):
             out = self.model(self.images, self.texts)
             losses = self.loss(**out, output_dict=True)
             total = sum(losses.values())
