@@ -1,13 +1,17 @@
 """Memory per process: DDP vs FSDP2 (openclip_structure.fsdp) for a ViT-B-32-sized open_clip model.
 
-    python scripts/bench_fsdp.py [--nproc 2] [--steps 3] [--batch 2] [--device cpu|cuda]
+    python scripts/bench_fsdp.py [--nproc 2] [--steps 3] [--batch 2] [--device cpu|cuda] [--json out.json]
+    python scripts/bench_fsdp.py --model structure-tiny --plugin-flags "--gap-atp-weight 1"   # plugin loss
 
 runs ``torchrun --standalone --nproc_per_node N`` twice (once per mode, so each process's peak
 is its own) on this file in worker mode. Each rank creates the model with random weights (the
 config is ViT-B-32's, written to a temporary json and registered with ``open_clip.add_model_config``),
 wraps it (the plugin's CPU-capable DDP, or ``fsdp.wrap``), builds open_clip_train's AdamW from the
 wrapped model's ``named_parameters()``, and takes ``--steps`` steps of batch ``--batch`` per rank
-with open_clip's ClipLoss (--local-loss --gather-with-grad). Reported per rank:
+with open_clip's ClipLoss (--local-loss --gather-with-grad), or the plugin's loss built from
+``--plugin-flags``. The data is one fixed global batch of ``nproc x --batch`` random images and
+token ids (seeded), each rank taking its slice, so runs with another ``--nproc`` see the same
+global batch. Reported per rank:
 
 * ``rss_start_mb``: RSS once torch/open_clip are imported, before the model exists (the baseline);
 * ``peak_rss_mb``: the process's peak RSS, model creation and wrapping included (the larger of
@@ -16,7 +20,10 @@ with open_clip's ClipLoss (--local-loss --gather-with-grad). Reported per rank:
   through /proc/self/clear_refs once the model is wrapped and the optimizer built);
 * ``param_mb`` / ``grad_mb`` / ``optim_state_mb``: bytes of this rank's parameters, gradients and
   AdamW state (local shards under FSDP);
-* ``cuda_peak_mb`` with ``--device cuda`` (one GPU per rank, NCCL).
+* ``cuda_peak_mb`` with ``--device cuda`` (one GPU per rank, NCCL; ``--share-device`` puts every
+  rank on GPU 0, which NCCL normally refuses: "Duplicate GPU detected");
+* ``losses``: the loss of every step (total of all terms, averaged over the ranks: the global-batch
+  loss), so the trajectories of DDP and FSDP runs can be compared (``scripts/gpu_check.py``).
 """
 from __future__ import annotations
 
@@ -62,26 +69,42 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def worker(mode: str, steps: int, batch: int, device_kind: str, config_dir: str) -> None:
+def make_loss(plugin_flags: str, rank: int, world: int):
+    """open_clip's ClipLoss (local loss, gather with grad), plus the plugin's terms from the flags."""
+    from open_clip.loss import ClipLoss
+
+    if not plugin_flags.strip():
+        return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    from bench_step import make_args  # (this directory is on sys.path: the script runs as a file)
+    from openclip_structure.factory import create_loss
+
+    args = make_args(plugin_flags.split())
+    args.rank, args.world_size, args.local_loss, args.gather_with_grad = rank, world, True, True
+    return create_loss(args)
+
+
+def worker(mode: str, steps: int, batch: int, device_kind: str, config_dir: str, model_name: str = NAME,
+           plugin_flags: str = "", share_device: bool = False, lr: float = 1e-4) -> None:
     import torch
     import torch.distributed as dist
 
     import open_clip
-    from open_clip.loss import ClipLoss
 
     if device_kind == "cuda":
-        local_rank = int(os.environ["LOCAL_RANK"])
+        local_rank = 0 if share_device else int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     rss_start = _vm("VmRSS")  # libraries loaded, no model yet
     open_clip.add_model_config(config_dir)
+    from openclip_structure.main import register_model_configs
+    register_model_configs()  # structure-tiny
     torch.manual_seed(0)
-    model = open_clip.create_model(NAME, output_dict=True, device=device)
+    model = open_clip.create_model(model_name, output_dict=True, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     if mode == "ddp":
         from openclip_structure.distributed import CPUFriendlyDDP
@@ -95,29 +118,38 @@ def worker(mode: str, steps: int, batch: int, device_kind: str, config_dir: str)
     optimizer = torch.optim.AdamW(
         [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
          {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": 0.2}],
-        lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(1 + rank)
+        lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = make_loss(plugin_flags, rank, world)
+    # one fixed global batch (the same for any number of ranks), this rank's slice of it
+    g = torch.Generator().manual_seed(1)
+    inner = model.module if hasattr(model, "module") else model
+    size = inner.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    images = torch.randn(batch * world, 3, *size, generator=g)[rank * batch:(rank + 1) * batch].to(device)
+    texts = torch.randint(1, inner.vocab_size - 1, (batch * world, inner.context_length),
+                          generator=g)[rank * batch:(rank + 1) * batch].to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dist.barrier()
     rss_before = _vm("VmRSS")
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # clear_refs resets it too
     reset = _reset_peak_rss()
-    times = []
+    times, losses = [], []
     for _ in range(steps):
-        images = torch.randn(batch, 3, 224, 224, generator=g).to(device)
-        texts = torch.randint(1, 49407, (batch, 77), generator=g).to(device)
         t0 = time.perf_counter()
         optimizer.zero_grad()
         out = model(images, texts)
         loss = loss_fn(**out)
+        loss = sum(loss.values()) if isinstance(loss, dict) else loss
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-        assert math.isfinite(float(loss))
+        value = loss.detach().clone().reshape(1)
+        dist.all_reduce(value)
+        losses.append(float(value) / world)
+        assert math.isfinite(losses[-1])
 
     def local_bytes(tensors):
         total = 0
@@ -140,6 +172,7 @@ def worker(mode: str, steps: int, batch: int, device_kind: str, config_dir: str)
         "train_peak_rss_mb": round(_vm("VmHWM"), 1) if reset else None,
         "peak_rss_mb": round(max(peak_before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024, 1),
         "step_s": round(sum(times[1:]) / max(1, len(times) - 1), 2),
+        "losses": losses,
     }
     if device.type == "cuda":
         rec["cuda_peak_mb"] = _mb(torch.cuda.max_memory_allocated(device))
@@ -160,6 +193,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--modes", default="ddp,fsdp")
+    ap.add_argument("--model", default=NAME, help=f"open_clip model name ({NAME} = ViT-B-32's config, written here; "
+                                                  "structure-tiny for a quick run)")
+    ap.add_argument("--plugin-flags", default="", help="plugin flags of the loss, e.g. '--gap-atp-weight 1' "
+                                                       "(default: open_clip's ClipLoss alone)")
+    ap.add_argument("--share-device", action="store_true", help="every rank on GPU 0 (--device cuda)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per torchrun launch")
+    ap.add_argument("--json", default=None, help="write the results as JSON to this path")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=1 << 20,
                     help="MALLOC_MMAP_THRESHOLD_ for the workers (glibc): tensors above it are mmapped and "
                          "given back to the OS when freed, so RSS follows live memory; 0 keeps glibc's dynamic "
@@ -168,20 +209,25 @@ def main(argv=None):
     ap.add_argument("--config-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.steps, args.batch, args.device, args.config_dir)
+        return worker(args.worker, args.steps, args.batch, args.device, args.config_dir, args.model,
+                      args.plugin_flags, args.share_device, args.lr)
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, NAME + ".json"), "w") as f:
             json.dump(VIT_B_32, f)
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's package
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         if args.malloc_mmap_threshold > 0:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         for mode in args.modes.split(","):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                    os.path.abspath(__file__), "--worker", mode, "--steps", str(args.steps), "--batch",
-                   str(args.batch), "--device", args.device, "--config-dir", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                   str(args.batch), "--device", args.device, "--config-dir", tmp, "--model", args.model,
+                   "--plugin-flags=" + args.plugin_flags, "--lr", str(args.lr)] + (
+                ["--share-device"] if args.share_device else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -198,6 +244,9 @@ def main(argv=None):
     print(f"(MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold or 'glibc default'}, {args.nproc} processes, "
           f"batch {args.batch}/rank, {args.steps} steps, device {args.device})")
     print(json.dumps(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ open_clip's own ``ClipLoss`` on the same features, in the same process, interlea
     python scripts/bench_losses.py --quick         # tiny smoke run (seconds)
     python scripts/bench_losses.py --scaling       # time/peak memory vs B_global -> docs/scaling.png
     python scripts/bench_losses.py --json out.json # also write every number as JSON ('-' = stdout)
+    python scripts/bench_losses.py --device cuda --b-local 256 1024 --world 8 64   # on a GPU
 
 Grid: B_local in {256, 1024} x simulated world size in {1, 8} x D in {512, 1024}, float32.
 Results and discussion: docs/performance.md.
@@ -27,6 +28,13 @@ of the two ClipLoss runs around it (paired, so drift and load bursts of other pr
 machine cancel); times shown are medians. Wall and process-CPU time are both recorded; the
 headline ratios use CPU time with 1 torch thread (robust to other jobs on the cores), wall time
 otherwise (``--clock``).
+
+``--amp-bf16``: the features are bfloat16 and every forward runs under bf16 autocast, as in
+training with ``--precision amp_bf16`` (ClipLoss's logits matmul then runs in bf16; the
+regularizers convert to float32 outside autocast, as they always do). On ``--device cuda`` the
+features live on the GPU, every timed call is bracketed by
+``torch.cuda.synchronize()``, the headline ratios use wall time, and ``peak`` is
+``torch.cuda.max_memory_allocated()`` over one fwd+bwd minus the memory allocated before it.
 
 Memory, per case, from one fwd+bwd after all timings: ``peak``: the peak increase of resident
 memory (see :class:`PeakRSS`: every tensor > 64 KiB is its own mmap, so this is the peak of live
@@ -66,7 +74,7 @@ from openclip_structure.schedule import constant  # noqa: E402
 
 # ---- machine, memory, statistics helpers (also used by bench_step.py) -------------------------
 
-def machine_info() -> Dict[str, object]:
+def machine_info(device: str = "cpu") -> Dict[str, object]:
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -87,7 +95,8 @@ def machine_info() -> Dict[str, object]:
         load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "open_clip": oc, "python": platform.python_version(),
-            "device": "cpu", "dtype": "float32", "load_avg_1min_at_start": load}
+            "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
+            "dtype": "float32", "load_avg_1min_at_start": load}
 
 
 def describe(info: Dict[str, object]) -> str:
@@ -198,35 +207,51 @@ KEYS = ["image", "text", "image_aug", "text_aug", "image_ind", "text_ind", "imag
 class Setup:
     """Features of one (B_local, W, D) configuration and the simulated gathers."""
 
-    def __init__(self, b_local: int, world: int, dim: int, seed: int = 0):
+    def __init__(self, b_local: int, world: int, dim: int, seed: int = 0, device: str = "cpu", amp: bool = False):
         self.b_local, self.world, self.dim = b_local, world, dim
+        self.device = torch.device(device)
+        self.amp = amp
         self.n_global = b_local * world
         self.rank = world // 2  # a middle rank: other ranks' rows on both sides
         self.offset = self.rank * b_local
-        g = torch.Generator().manual_seed(seed)
-        base = F.normalize(torch.randn(self.n_global, dim, generator=g), dim=-1)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        base = F.normalize(torch.randn(self.n_global, dim, generator=g, device=self.device), dim=-1)
 
         def near(x, s):  # correlated modalities/views, as real embeddings are
-            return F.normalize(x + s * torch.randn(x.shape, generator=g), dim=-1)
+            return F.normalize(x + s * torch.randn(x.shape, generator=g, device=self.device), dim=-1)
 
         glob = {"image": base, "text": near(base, 1.0)}
         glob["image_aug"] = near(glob["image"], 0.5)
         glob["text_aug"] = near(glob["text"], 0.3)
         for k in ("image", "text", "image_aug", "text_aug"):
             glob[k + "_ind"] = near(glob[k], 2.0)
+        # other ranks' rows as each gather receives them: the terms gather float32 (they convert
+        # first); with amp, open_clip's ClipLoss gathers the model's bf16 output
+        self.glob32 = glob
+        if amp:
+            glob = {k: v.to(torch.bfloat16) for k, v in glob.items()}
         self.glob = glob
         self.local = {k: v[self.offset:self.offset + b_local].clone().requires_grad_() for k, v in glob.items()}
-        self.log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+        self.log_scale = torch.tensor(math.log(1 / 0.07), device=self.device, requires_grad=True)
         self._by_id: Dict[int, str] = {}
 
     def gathered(self, x: torch.Tensor, key: Optional[str] = None) -> torch.Tensor:
-        key = key or self._by_id[id(x)]
-        g = self.glob[key]
+        if key is None:
+            leaf = x
+            if id(x) not in self._by_id and x.grad_fn is not None:  # a float32 copy of a bf16 leaf (amp)
+                leaf = x.grad_fn.next_functions[0][0].variable
+            key = self._by_id[id(leaf)]
+        g = self.glob[key] if x.dtype == self.glob[key].dtype else self.glob32[key]
         return torch.cat([g[:self.offset], x, g[self.offset + self.b_local:]], dim=0)
 
     def zero_grad(self) -> None:
         for t in list(self.local.values()) + [self.log_scale]:
             t.grad = None
+
+    def sync(self) -> None:
+        """Wait for queued GPU work (a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
     def simulated_distributed(self):
@@ -250,15 +275,20 @@ class Setup:
         finally:
             osd._gather_with_grad, ocl.gather_features, osd.dist.all_reduce = orig_gather, orig_oc_gather, orig_all_reduce
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     def runner(self, case: str) -> Callable[[], None]:
-        """fwd+bwd of one case (``"clip"`` = open_clip's ClipLoss)."""
+        """fwd+bwd of one case (``"clip"`` = open_clip's ClipLoss); forward under autocast with
+        ``amp``, backward outside it (as open_clip_train does)."""
         from open_clip.loss import ClipLoss
 
         clip = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
                         rank=self.rank, world_size=self.world)
         if case == "clip":
             def run():
-                out = clip(self.local["image"], self.local["text"], self.log_scale.exp())
+                with self.autocast():
+                    out = clip(self.local["image"], self.local["text"], self.log_scale.exp())
                 out.backward()
             return run
         factory, text_aug = CASES[case]
@@ -269,7 +299,8 @@ class Setup:
         self._by_id.update({id(self.local[k]): k for k in keys})
 
         def run():
-            out = loss.regularizer_losses(feats, logit_scale=self.log_scale.exp())
+            with self.autocast():
+                out = loss.regularizer_losses(feats, logit_scale=self.log_scale.exp())
             sum(out.values()).backward()
         return run
 
@@ -277,10 +308,12 @@ class Setup:
 def measure_case(setup: Setup, run: Callable[[], None], inner: int) -> Tuple[float, float]:
     """(wall seconds, process CPU seconds) per fwd+bwd, from ``inner`` back-to-back calls."""
     setup.zero_grad()
+    setup.sync()
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(inner):
         run()
         setup.zero_grad()
+    setup.sync()
     return (time.perf_counter() - t0) / inner, (time.process_time() - c0) / inner
 
 
@@ -294,9 +327,9 @@ def saved_bytes(setup: Setup, run: Callable[[], None]) -> int:
 
 
 def bench_config(b_local: int, world: int, dim: int, cases: List[str], reps: int, min_time: float,
-                 seed: int = 0, warmup: bool = True) -> Dict[str, object]:
+                 seed: int = 0, warmup: bool = True, device: str = "cpu", amp: bool = False) -> Dict[str, object]:
     """Times of every case of one configuration (see the module docstring for the pairing)."""
-    setup = Setup(b_local, world, dim, seed=seed)
+    setup = Setup(b_local, world, dim, seed=seed, device=device, amp=amp)
     names = ["clip"] + cases
     with setup.simulated_distributed():
         runs = {n: setup.runner(n) for n in names}
@@ -343,21 +376,31 @@ def bench_config(b_local: int, world: int, dim: int, cases: List[str], reps: int
     return out
 
 
-def memory_config(cfg: Dict[str, object], rss: PeakRSS, with_saved: bool = True, seed: int = 0) -> None:
+def memory_config(cfg: Dict[str, object], rss: Optional[PeakRSS], with_saved: bool = True, seed: int = 0,
+                  device: str = "cpu", amp: bool = False) -> None:
     """Add peak memory (and saved-for-backward bytes) of one fwd+bwd of every case to ``cfg``.
 
     Run after all timings: pinning glibc's mmap threshold (see :class:`PeakRSS`) makes every large
-    allocation a fresh mmap with page faults, which would distort the times."""
-    setup = Setup(cfg["B_local"], cfg["world"], cfg["D"], seed=seed)
+    allocation a fresh mmap with page faults, which would distort the times. On CUDA (``rss``
+    None) the peak is the allocator's ``max_memory_allocated`` minus what was allocated before."""
+    setup = Setup(cfg["B_local"], cfg["world"], cfg["D"], seed=seed, device=device, amp=amp)
     unit = cfg["unit_bytes"]
     with setup.simulated_distributed():
         for n, entry in cfg["cases"].items():
             run = setup.runner(n)
             run()  # lazy init outside the measurement
             setup.zero_grad()
-            rss.reset()
-            run()
-            peak = rss.peak()
+            if rss is None:
+                setup.sync()
+                torch.cuda.reset_peak_memory_stats(setup.device)
+                before = torch.cuda.memory_allocated(setup.device)
+                run()
+                setup.sync()
+                peak = float(torch.cuda.max_memory_allocated(setup.device) - before)
+            else:
+                rss.reset()
+                run()
+                peak = rss.peak()
             setup.zero_grad()
             entry.update(peak_mb=peak / 2 ** 20, peak_units=peak / unit)
             if with_saved:
@@ -461,11 +504,26 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                    help="torch.set_num_threads (default: torch's own; 1 with --quick)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="time behind the headline ratios: process CPU time (robust on a shared machine, "
-                        "meaningful with 1 thread) or wall time; auto = cpu with 1 torch thread, else wall")
+                        "meaningful with 1 thread) or wall time; auto = cpu with 1 torch thread on CPU, "
+                        "else wall (always wall on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (features, losses and memory there)")
+    p.add_argument("--amp-bf16", action="store_true",
+                   help="bf16 features, forwards under bf16 autocast (as --precision amp_bf16 trains)")
     args = p.parse_args(argv)
+    device = args.device
+    if args.amp_bf16 and args.scaling:
+        p.error("--scaling measures float32 only; leave out --amp-bf16")
+    if device != "cpu":
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            p.error(f"--device {device}: only cpu or an available CUDA device (cuda, cuda:N) is supported")
+        if args.scaling:
+            p.error("--scaling runs on CPU only (it draws docs/scaling.png)")
     if args.threads or args.quick:  # quick: 1 thread, robust to other load on the machine
         torch.set_num_threads(args.threads or 1)
-    clock = args.clock if args.clock != "auto" else ("cpu" if torch.get_num_threads() == 1 else "wall")
+    clock = args.clock if args.clock != "auto" else (
+        "cpu" if torch.get_num_threads() == 1 and device == "cpu" else "wall")
+    if device != "cpu" and clock == "cpu":
+        p.error("--clock cpu measures host CPU time, not GPU work: use --clock wall with --device cuda")
     if args.plot_from:
         with open(args.plot_from) as f:
             scaling_plot(json.load(f), args.plot)
@@ -475,9 +533,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     def log(*a):
         print(*a, file=stream, flush=True)
 
-    info = machine_info()
+    info = machine_info(device)
     log(describe(info) + f"; headline ratios from {clock} time")
     cases = args.cases or list(CASES)
+    info["dtype"] = "bfloat16 features, bf16 autocast" if args.amp_bf16 else "float32"
     res: Dict[str, object] = {"machine": info, "cases": cases, "configs": [], "clock": clock}
     t_start = time.time()
     if args.scaling:
@@ -508,15 +567,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
             reps, min_time = args.reps or 4, args.min_time if args.min_time is not None else 0.05
         res["mode"] = "quick" if args.quick else "grid"
         for bl, w, d in grid:
-            res["configs"].append(bench_config(bl, w, d, cases, reps, min_time))
+            res["configs"].append(bench_config(bl, w, d, cases, reps, min_time, device=device, amp=args.amp_bf16))
             log(f"B_local={bl} world={w} D={d}: timed ({time.time() - t_start:.0f} s)")
     set_ratio(res, clock)
     # memory last (see memory_config)
-    rss = PeakRSS()
-    res["peak_memory_method"] = ("peak RSS increase over one fwd+bwd, glibc mmap threshold pinned at 64 KiB"
-                                 if rss.available else "unavailable")
+    rss = PeakRSS() if device == "cpu" else None
+    if rss is None:
+        res["peak_memory_method"] = "torch.cuda.max_memory_allocated over one fwd+bwd minus the memory allocated before"
+    else:
+        res["peak_memory_method"] = ("peak RSS increase over one fwd+bwd, glibc mmap threshold pinned at 64 KiB"
+                                     if rss.available else "unavailable")
     for cfg in res["configs"]:
-        memory_config(cfg, rss, with_saved=not args.scaling)
+        memory_config(cfg, rss, with_saved=not args.scaling, device=device, amp=args.amp_bf16)
         log(table(cfg) + "\n")
     if args.scaling:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)

@@ -25,6 +25,7 @@ features, so the extra tower pass is also back-propagated) and each view term is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -114,12 +115,27 @@ def views_available() -> Optional[str]:
     return None
 
 
+#: open_clip_train's --precision values a Runner supports -> autocast dtype (None: no autocast)
+PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp": torch.float16}
+
+
 class Runner:
-    def __init__(self, name: str, model_name: str, batch: int, seed: int = 0, lr: float = 1e-4):
+    """One configuration's model, AdamW and fixed batch; :meth:`step` is open_clip_train's step.
+
+    ``precision`` as open_clip_train's ``--precision``: ``amp_bf16`` = bf16 autocast, ``amp`` = fp16
+    autocast with a ``torch.amp.GradScaler`` (open_clip's defaults), ``fp32`` = neither."""
+
+    def __init__(self, name: str, model_name: str, batch: int, seed: int = 0, lr: float = 1e-4,
+                 device: str = "cpu", precision: str = "fp32"):
         import open_clip
 
         from openclip_structure import views
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        self.autocast_dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "amp" else None
         self.name = name
         self.args = args = make_args(CONFIGS[name])
         args.model = model_name
@@ -132,7 +148,7 @@ class Runner:
             else:
                 views.prepare_model(args, model_name, model, preprocess_train)
         model.train()
-        self.model = model
+        self.model = model.to(self.device)
         self.loss = create_loss(args)
         if name == "views-ref":
             self.loss = ViewsReference(self.loss)
@@ -144,7 +160,7 @@ class Runner:
         size = model.visual.image_size
         size = size if isinstance(size, (tuple, list)) else (size, size)
         shape = (batch, 2, 3, *size) if self.two_views else (batch, 3, *size)
-        self.images = torch.randn(shape, generator=g)
+        self.images = torch.randn(shape, generator=g).to(self.device)
         ctx = model.context_length
         vocab = model.vocab_size
         texts = torch.randint(1, vocab - 2, (batch, ctx), generator=g)
@@ -152,16 +168,23 @@ class Runner:
         for i, n in enumerate(lengths.tolist()):  # EOT (highest id) then padding, as the tokenizer does
             texts[i, n] = vocab - 1
             texts[i, n + 1:] = 0
-        self.texts = texts
+        self.texts = texts.to(self.device)
         self.batch = batch
 
     def step(self, record: bool = False) -> Optional[Dict[str, float]]:
-        out = self.model(self.images, self.texts)
-        losses = self.loss(**out, output_dict=True)
-        total = sum(losses.values())
+        with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+              else contextlib.nullcontext()):
+            out = self.model(self.images, self.texts)
+            losses = self.loss(**out, output_dict=True)
+            total = sum(losses.values())
         self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        self.opt.step()
+        if self.scaler is None:
+            total.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
         return {k: float(v.detach()) for k, v in losses.items()} if record else None

@@ -1,0 +1,469 @@
+"""GPU check: one command that exercises the plugin's CUDA path and writes one JSON file.
+
+    bash scripts/gpu_check.sh --out gpu_check.json             # on a machine with one CUDA GPU, <= 8 min
+    bash scripts/gpu_check.sh --dry-run --out dry.json         # CPU, tiny shapes, ~2 min (what CI runs)
+    bash scripts/gpu_check.sh --out rerun.json --sections fsdp precision   # rerun some sections only
+
+Sections (each recorded as ``{"status": "ok" | "skipped" | "failed", "reason"/"error", "wall_s",
+"cap_s", numbers}``; each runs in subprocesses under its own wall-time cap):
+
+1. ``cuda_tests``: ``pytest -m cuda tests`` (the CUDA tests skip cleanly without CUDA).
+2. ``train_throughput``: the launcher (``openclip_structure.main``) trains a ViT-B-32 (random init)
+   on the bundled digits as webdataset shards (``scripts/make_shards.py``, resampled; 224 px after
+   open_clip's preprocess), ``--precision amp_bf16``, for plain, gap, gc, gap+gc, the view terms and
+   all terms: samples/s (from open_clip's own step timing, first log windows dropped) and peak
+   memory (``torch.cuda.max_memory_allocated``), each as a ratio to plain from the same run.
+   (open_clip's ``--dataset-type synthetic`` cannot be used: it reads ``preprocess.transforms[0]``,
+   which the launcher's two-view preprocess wrapper lacks.)
+3. ``loss_bench``: ``scripts/bench_losses.py`` on the GPU at B_local 256/1024 x simulated world
+   8/64 x D 512/1024, in float32 and as bf16 training runs it (``--amp-bf16``: bf16 features,
+   ClipLoss under autocast): time and peak memory of every term as ratios to open_clip's ClipLoss.
+4. ``fsdp``: ``scripts/bench_fsdp.py`` with the plugin's loss: DDP and FSDP2 on one rank, and FSDP2
+   on two ranks sharing the GPU (NCCL normally refuses: then skipped with NCCL's reason); the
+   loss trajectories must match the one-rank DDP run's.
+5. ``precision``: ``scripts/check_precision.py``: finite terms and decreasing losses under bf16
+   autocast and fp16 autocast + GradScaler, every configuration.
+
+``--dry-run`` runs the same code on CPU with tiny shapes (structure-tiny, a few steps); the
+measured numbers then say nothing about GPUs. Exit status: 0 when no section failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from typing import Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SECTIONS = ["cuda_tests", "train_throughput", "loss_bench", "fsdp", "precision"]
+#: wall-time cap per section in seconds (real mode: 470 s in all, inside the 8-minute budget)
+CAPS = {"cuda_tests": 45, "train_throughput": 180, "loss_bench": 75, "fsdp": 90, "precision": 80}
+DRY_CAPS = {s: 300 for s in SECTIONS}
+
+#: section 2's configurations -> bench_step.CONFIGS entries whose plugin flags they join
+TRAIN_CONFIGS = {"plain": ["baseline"], "gap": ["gap (atp+cu)"], "gc": ["gc"], "gap+gc": ["gap+gc"],
+                 "views": ["gc_aug", "bridge", "sep", "inmodal"], "all": ["all"]}
+#: the loss terms each configuration must log
+TRAIN_TERMS = {"plain": [], "gap": ["gap_atp", "gap_cu"], "gc": ["gc"], "gap+gc": ["gap_atp", "gap_cu", "gc"],
+               "views": ["gc_aug", "bridge", "sep_ortho", "sep_icon", "sep_iuni", "inmodal"],
+               "all": ["gap_atp", "gap_cu", "gc", "gc_aug", "bridge", "sep_ortho", "sep_icon", "sep_iuni", "inmodal"]}
+FSDP_FLAGS = "--gap-atp-weight 1 --gap-cu-weight 1 --gc-weight 0.25"
+FSDP_RTOL = 1e-3
+
+
+def plan(dry: bool) -> Dict[str, Dict]:
+    """Shapes and step counts of every section (real: GPU-sized; dry: tiny, CPU)."""
+    if dry:
+        return {"train": dict(model="structure-tiny", batch=8, steps=6, log_every=2, workers=1),
+                "loss_bench": {"fp32": ["--quick"], "amp_bf16": ["--quick", "--amp-bf16"]},
+                "fsdp": dict(model="structure-tiny", batch=4, steps=4, lr=1e-3),
+                "precision": ["--model", "structure-tiny", "--batch", "8", "--steps", "6", "--threads", "1",
+                              "--configs", "baseline", "all"]}
+    workers = max(1, min(12, (os.cpu_count() or 4) - 2))
+    return {"train": dict(model="ViT-B-32", batch=256, steps=100, log_every=10, workers=workers),
+            "loss_bench": {p: ["--device", "cuda", "--b-local", "256", "1024", "--world", "8", "64",
+                               "--dim", "512", "1024", "--reps", "2", "--min-time", "0.01"] + flag
+                           for p, flag in (("fp32", []), ("amp_bf16", ["--amp-bf16"]))},
+            "fsdp": dict(model="ViT-B-32", batch=32, steps=8, lr=3e-4),
+            "precision": ["--device", "cuda", "--model", "small", "--batch", "128", "--steps", "30"]}
+
+
+# ---- plumbing ---------------------------------------------------------------------------------
+
+class Deadline:
+    def __init__(self, cap_s: float):
+        self.cap_s, self.t0 = cap_s, time.time()
+
+    def left(self) -> float:
+        return self.cap_s - (time.time() - self.t0)
+
+
+def env() -> Dict[str, str]:
+    """This environment without torchrun's variables, with this checkout importable first."""
+    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def run(cmd: List[str], timeout: float, cwd: str = ROOT) -> Dict:
+    """Run a command to completion or to ``timeout``; the output so far is kept either way."""
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, timeout=max(1.0, timeout))
+        return {"rc": p.returncode, "out": p.stdout, "err": p.stderr, "timed_out": False, "wall_s": time.time() - t0}
+    except subprocess.TimeoutExpired as e:
+        def text(x):
+            return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+        return {"rc": None, "out": text(e.stdout), "err": text(e.stderr), "timed_out": True, "wall_s": time.time() - t0}
+
+
+def tail(r: Dict, n: int = 1500) -> str:
+    """The end of a run's output: from its last Python traceback when there is one."""
+    text = "\n".join(line for line in (r["out"] + "\n" + r["err"]).splitlines()
+                     if not re.match(r"[IWE]\d{4} ", line))  # torch's glog-style info lines at exit
+    at = text.rfind("Traceback (most recent call last)")
+    return (text[at:] if at >= 0 else text)[-n:].strip()
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b and math.isfinite(a) and math.isfinite(b) and b > 0 else None
+
+
+# ---- 1. the CUDA tests ------------------------------------------------------------------------
+
+def section_cuda_tests(ctx: Dict, deadline: Deadline) -> Dict:
+    xml = os.path.join(ctx["tmp"], "cuda_tests.xml")
+    r = run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "--junitxml", xml,
+             "--continue-on-collection-errors", "tests"], deadline.left())
+    if r["timed_out"] or not os.path.exists(xml):
+        return {"status": "failed", "error": ("timed out: " if r["timed_out"] else "") + tail(r)}
+    cases = ET.parse(xml).getroot().iter("testcase")
+    passed, failed, skipped, reasons, uncollected = [], [], [], [], []
+    for c in cases:
+        name = f"{c.get('classname')}::{c.get('name')}"
+        skip, error = c.find("skipped"), c.find("error")
+        if error is not None and "collection failure" in (error.get("message") or ""):
+            uncollected.append(c.get("name"))  # a test module that cannot be imported here
+        elif c.find("failure") is not None or error is not None:
+            failed.append(name)
+        elif skip is not None:
+            skipped.append(name)
+            reasons.append(skip.get("message", ""))
+        else:
+            passed.append(name)
+    out = {"passed": len(passed), "failed_tests": failed, "skipped": len(skipped),
+           "skip_reasons": sorted(set(reasons)), "collection_errors": uncollected}
+    if uncollected:
+        out["note"] = f"test modules that could not be imported (their cuda tests, if any, did not run): {uncollected}"
+    if failed:
+        return {"status": "failed", "error": f"{len(failed)} CUDA tests failed: {failed}\n" + tail(r), **out}
+    if not passed and not skipped:
+        return {"status": "failed", "error": "no test carries the `cuda` marker\n" + tail(r), **out}
+    if not passed:
+        return {"status": "skipped", "reason": f"all {len(skipped)} CUDA tests skipped: "
+                                               + "; ".join(sorted(set(reasons))), **out}
+    return {"status": "ok", **out}
+
+
+# ---- 2. training throughput through the launcher ------------------------------------------------
+
+LOG_LINE = re.compile(r"Train Epoch: .*Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+),")
+LOSS = re.compile(r"(\w+): ([-+0-9.eE]+|nan|inf) \(")
+
+
+def train_flags() -> Dict[str, List[str]]:
+    sys.path.insert(0, HERE)
+    from bench_step import CONFIGS  # the same plugin flags as the whole-step benchmark
+
+    return {name: [f for part in parts for f in CONFIGS[part]] for name, parts in TRAIN_CONFIGS.items()}
+
+
+def parse_train_log(text: str, batch: int) -> Dict:
+    windows = [(float(d), float(b)) for d, b in LOG_LINE.findall(text)]
+    losses = {}
+    for line in text.splitlines():
+        if "Train Epoch:" in line:
+            losses = {k.lower(): float(v) for k, v in LOSS.findall(line.split("Logit Scale:")[-1])}
+    # the first windows hold start-up (allocator, kernels, workers); keep at least one
+    used = windows[2:] if len(windows) >= 4 else windows[1:] or windows
+    if not used:
+        return {"windows": 0, "last_losses": losses}
+    batch_t = sum(b for _, b in used) / len(used)
+    data_t = sum(d for d, _ in used) / len(used)
+    return {"windows": len(used), "samples_per_s": batch / batch_t if batch_t > 0 else None,
+            "step_ms": 1e3 * batch_t, "data_share": data_t / batch_t if batch_t > 0 else None,
+            "last_losses": losses}
+
+
+def make_digits_shards(tmp: str, timeout: float) -> Dict:
+    out = os.path.join(tmp, "digits")
+    r = run([sys.executable, os.path.join(HERE, "make_shards.py"), "--source", "digits", "--out", out,
+             "--train-shards", "16", "--val-shards", "1"], timeout)
+    if r["rc"] != 0:
+        raise RuntimeError("make_shards.py failed: " + tail(r))
+    return read_json(os.path.join(out, "dataset.json"))["train"]
+
+
+def section_train(ctx: Dict, deadline: Deadline) -> Dict:
+    p = ctx["plan"]["train"]
+    flags = train_flags()
+    shards = make_digits_shards(ctx["tmp"], deadline.left())
+    results: Dict[str, Dict] = {}
+    names = list(TRAIN_CONFIGS)
+    for i, name in enumerate(names):
+        budget = deadline.left() / (len(names) - i)
+        probe = os.path.join(ctx["tmp"], f"train_{name.replace('+', '_')}.json")
+        argv = ["--train-data", shards["pattern"], "--dataset-type", "webdataset", "--dataset-resampled",
+                "--train-num-samples", str(p["batch"] * p["steps"]),
+                "--batch-size", str(p["batch"]), "--epochs", "1", "--model", p["model"], "--precision", "amp_bf16",
+                "--workers", str(p["workers"]), "--log-every-n-steps", str(p["log_every"]), "--logs", "none",
+                "--lr", "2e-4", "--warmup", "10", "--seed", "0"] + flags[name]
+        # open_clip writes none/<name>/{out.log,params.txt} even with --logs none (no checkpoint
+        # then): run in the scratch folder so nothing lands in the checkout
+        r = run([sys.executable, os.path.abspath(__file__), "--train-probe", probe, "--"] + argv, budget,
+                cwd=ctx["tmp"])
+        entry = parse_train_log(r["out"] + r["err"], p["batch"])
+        entry.update(wall_s=round(r["wall_s"], 1), flags=flags[name], truncated=r["timed_out"])
+        if os.path.exists(probe):
+            entry.update(read_json(probe))
+        missing = [t for t in TRAIN_TERMS[name] if f"{t}_loss" not in entry["last_losses"]]
+        if r["rc"] not in (0, None) or not entry["windows"] or missing:
+            entry["error"] = (f"terms not logged: {missing}\n" if missing else "") + tail(r)
+        results[name] = entry
+    base = results["plain"]
+    for e in results.values():
+        e["throughput_ratio"] = ratio(e.get("samples_per_s"), base.get("samples_per_s"))
+        e["peak_mem_ratio"] = ratio(e.get("peak_mem_mb"), base.get("peak_mem_mb"))
+    out = {"model": p["model"], "batch": p["batch"], "steps": p["steps"], "precision": "amp_bf16",
+           "data": f"bundled digits, webdataset, resampled ({shards['num_samples']} samples)", "configs": results}
+    bad = {n: e["error"] for n, e in results.items() if "error" in e}
+    if bad:
+        return {"status": "failed", "error": "; ".join(f"{n}: {m[-600:]}" for n, m in bad.items()), **out}
+    slow_data = [n for n, e in results.items() if (e.get("data_share") or 0) > 0.2]
+    if slow_data:
+        out["note"] = f"data loading took > 20% of the step time in {slow_data}: those ratios understate the cost"
+    return {"status": "ok", **out}
+
+
+def train_probe(result: str, argv: List[str]) -> int:
+    """Run the launcher in this process, then record its peak memory (CUDA allocator or RSS)."""
+    import torch
+
+    from openclip_structure.main import main as launcher_main
+
+    launcher_main(argv)
+    if torch.cuda.is_available():
+        rec = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
+               "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20,
+               "peak_mem_method": "torch.cuda.max_memory_allocated"}
+    else:
+        rec = {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_mem_method": "process peak RSS (ru_maxrss; no CUDA)"}
+    with open(result, "w") as f:
+        json.dump(rec, f)
+    return 0
+
+
+# ---- 3. loss-only benchmark ----------------------------------------------------------------------
+
+def section_loss_bench(ctx: Dict, deadline: Deadline) -> Dict:
+    out: Dict = {"precisions": {}}
+    runs = ctx["plan"]["loss_bench"]
+    for i, (precision, extra) in enumerate(runs.items()):
+        path = os.path.join(ctx["tmp"], f"loss_bench_{precision}.json")
+        r = run([sys.executable, os.path.join(HERE, "bench_losses.py"), "--json", path] + extra,
+                deadline.left() / (len(runs) - i))
+        if r["rc"] != 0 or not os.path.exists(path):
+            return {"status": "failed", "error": f"{precision}: " + ("timed out: " if r["timed_out"] else "") + tail(r),
+                    **out}
+        res = read_json(path)
+        configs = []
+        for cfg in res["configs"]:
+            clip = cfg["cases"]["clip"]
+            configs.append({"B_local": cfg["B_local"], "world": cfg["world"], "B_global": cfg["B_global"],
+                            "D": cfg["D"], "clip_ms": clip["ms"], "clip_peak_mb": clip.get("peak_mb"),
+                            "cases": {n: {"time_ratio": e["ratio"],
+                                          "peak_mem_ratio": ratio(e.get("peak_mb"), clip.get("peak_mb"))}
+                                      for n, e in cfg["cases"].items() if n != "clip"}})
+        out["precisions"][precision] = {"dtype": res["machine"]["dtype"], "clock": res["clock"],
+                                        "peak_memory_method": res.get("peak_memory_method"), "configs": configs}
+        out["device"] = res["machine"]["device"]
+    return {"status": "ok", **out}
+
+
+# ---- 4. FSDP2 vs DDP ---------------------------------------------------------------------------------
+
+def fsdp_launch(ctx: Dict, deadline: Deadline, nproc: int, modes: str, share: bool, cap: float = math.inf) -> Dict:
+    p = ctx["plan"]["fsdp"]
+    path = os.path.join(ctx["tmp"], f"fsdp_{nproc}.json")
+    cmd = [sys.executable, os.path.join(HERE, "bench_fsdp.py"), "--nproc", str(nproc), "--modes", modes,
+           "--model", p["model"], "--batch", str(p["batch"] // nproc), "--steps", str(p["steps"]),
+           "--lr", str(p["lr"]), "--device", ctx["device"], "--plugin-flags=" + FSDP_FLAGS, "--json", path]
+    r = run(cmd + (["--share-device"] if share else []), min(cap, deadline.left()))
+    r["results"] = read_json(path) if r["rc"] == 0 and os.path.exists(path) else None
+    return r
+
+
+def section_fsdp(ctx: Dict, deadline: Deadline) -> Dict:
+    one = fsdp_launch(ctx, deadline, 1, "ddp,fsdp", share=False)
+    if one["results"] is None:
+        return {"status": "failed", "error": ("timed out: " if one["timed_out"] else "") + tail(one, 3000)}
+    runs = {f"{r['mode']}_{r['world_size']}rank": r for r in one["results"]}
+    ref = runs["ddp_1rank"]["ranks"][0]["losses"]
+    # NCCL refuses two ranks on one GPU at its first collective: 60 s is plenty to find out
+    two = fsdp_launch(ctx, deadline, 2, "fsdp", share=ctx["device"] == "cuda", cap=60)
+    two_ranks: Dict = {}
+    if two["results"] is not None:
+        runs.update({f"{r['mode']}_{r['world_size']}rank": r for r in two["results"]})
+        two_ranks = {"status": "ok"}
+    else:
+        text = two["out"] + two["err"]
+        refused = re.search(r"Duplicate GPU detected[^\n]*|ncclInvalidUsage[^\n]*", text)
+        if refused:
+            two_ranks = {"status": "skipped", "reason": f"NCCL refuses two ranks on one GPU: {refused.group(0).strip()}"}
+        else:
+            two_ranks = {"status": "failed", "error": ("timed out: " if two["timed_out"] else "") + tail(two, 3000)}
+    out = {"model": ctx["plan"]["fsdp"]["model"], "plugin_flags": FSDP_FLAGS, "reference": "ddp_1rank",
+           "reference_losses": ref, "two_ranks": two_ranks, "runs": {}}
+    problems = []
+    if not abs(ref[-1] - ref[0]) > 20 * FSDP_RTOL * abs(ref[0]):
+        problems.append(f"the reference loss barely moved ({ref}): the comparison would say nothing")
+    for name, r in runs.items():
+        losses = r["ranks"][0]["losses"]
+        diff = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(losses, ref)) if len(losses) == len(ref) else math.inf
+        rec = {"losses": losses, "max_rel_diff": diff, "step_s": r["ranks"][0]["step_s"],
+               "peak_mem_mb": r["ranks"][0].get("cuda_peak_mb", r["ranks"][0].get("train_peak_rss_mb"))}
+        out["runs"][name] = rec
+        if not diff <= FSDP_RTOL:
+            problems.append(f"{name} trajectory differs from DDP's by {diff:.2e} (relative)")
+    if two_ranks["status"] == "failed":
+        problems.append("two ranks: " + two_ranks["error"][-800:])
+    if problems:
+        return {"status": "failed", "error": "; ".join(problems), **out}
+    return {"status": "ok", **out}
+
+
+# ---- 5. precision --------------------------------------------------------------------------------
+
+def section_precision(ctx: Dict, deadline: Deadline) -> Dict:
+    path = os.path.join(ctx["tmp"], "precision.json")
+    r = run([sys.executable, os.path.join(HERE, "check_precision.py"), "--json", path] + ctx["plan"]["precision"],
+            deadline.left())
+    if not os.path.exists(path):
+        return {"status": "failed", "error": ("timed out: " if r["timed_out"] else "") + tail(r)}
+    res = read_json(path)
+    runs = [{k: x[k] for k in ("config", "precision", "ok", "problems", "total_first_third", "total_last_third",
+                               "scaler_skipped_steps")} for x in res["runs"]]
+    bad = [f"{x['precision']}/{x['config']}: {'; '.join(x['problems'])}" for x in runs if not x["ok"]]
+    out = {"model": res["model"], "steps": res["steps"], "batch": res["batch"], "runs": runs}
+    if r["timed_out"]:
+        bad.append(f"cut off by the section's cap after {len(runs)} of {res['planned_runs']} runs")
+    if bad or r["rc"] != 0:
+        return {"status": "failed", "error": "; ".join(bad) or tail(r), **out}
+    return {"status": "ok", **out}
+
+
+RUNNERS: Dict[str, Callable[[Dict, Deadline], Dict]] = {
+    "cuda_tests": section_cuda_tests, "train_throughput": section_train, "loss_bench": section_loss_bench,
+    "fsdp": section_fsdp, "precision": section_precision}
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def fmt(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary(name: str, sec: Dict) -> str:
+    if sec["status"] == "skipped":
+        return sec.get("reason", "")[:100]
+    if sec["status"] == "failed":
+        return sec.get("error", "").strip().splitlines()[0][:100] if sec.get("error") else ""
+    if name == "cuda_tests":
+        return f"{sec['passed']} passed, {sec['skipped']} skipped"
+    if name == "train_throughput":
+        return f"{sec['model']} batch {sec['batch']}: see the table below"
+    if name == "loss_bench":
+        parts = []
+        for precision, p in sec["precisions"].items():
+            worst = max((c["cases"]["all"]["time_ratio"], c["B_local"], c["world"], c["D"]) for c in p["configs"])
+            parts.append(f"{precision}: 'all' <= {worst[0]:.2f}x ClipLoss ({worst[1]}x{worst[2]} D{worst[3]})")
+        return f"{len(p['configs'])} shapes; " + "; ".join(parts)
+    if name == "fsdp":
+        worst = max(r["max_rel_diff"] for r in sec["runs"].values())
+        return f"{sorted(sec['runs'])} match DDP (max rel diff {worst:.1e}); 2 ranks: {sec['two_ranks']['status']}"
+    if name == "precision":
+        return f"{len(sec['runs'])} runs (bf16, fp16+GradScaler) finite and decreasing"
+    return ""
+
+
+def report(res: Dict) -> str:
+    lines = [f"GPU check ({'DRY RUN on CPU: numbers say nothing about GPUs' if res['dry_run'] else res['device_name']})",
+             "", "| section | status | wall s | cap s | summary |", "|---|---|---:|---:|---|"]
+    for name in SECTIONS:
+        sec = res["sections"].get(name)
+        if sec is not None:
+            lines.append(f"| {name} | {sec['status']} | {sec['wall_s']:.0f} | {sec['cap_s']:.0f} | {summary(name, sec)} |")
+    train = res["sections"].get("train_throughput", {})
+    if train.get("configs"):
+        lines += ["", f"training throughput ({train['model']}, batch {train['batch']}, {train['precision']}):", "",
+                  "| config | samples/s | x plain | peak MiB | x plain | data share |", "|---|---:|---:|---:|---:|---:|"]
+        for n, e in train["configs"].items():
+            lines.append(f"| {n} | {fmt(e.get('samples_per_s'), '.1f')} | {fmt(e.get('throughput_ratio'), '.3f')} | "
+                         f"{fmt(e.get('peak_mem_mb'), '.0f')} | {fmt(e.get('peak_mem_ratio'), '.3f')} | "
+                         f"{fmt(e.get('data_share'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def machine(dry: bool) -> Dict:
+    import torch
+
+    info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info.update(device_name=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                    device_count=torch.cuda.device_count())
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                                        timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="Sections: " + ", ".join(SECTIONS) + ". Details: docs/performance.md.")
+    ap.add_argument("--out", required=True, help="JSON file to write (in both modes)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, a few steps (CI)")
+    ap.add_argument("--sections", nargs="*", default=SECTIONS, choices=SECTIONS, help="run only these sections")
+    args = ap.parse_args(argv)
+    info = machine(args.dry_run)
+    if not args.dry_run and not info["cuda_available"]:
+        ap.error("no CUDA device is available: run with --dry-run on a machine without a GPU")
+    caps = DRY_CAPS if args.dry_run else CAPS
+    res = {"dry_run": args.dry_run, "device_name": info.get("device_name", "cpu"), "machine": info,
+           "caps_s": {s: caps[s] for s in args.sections}, "sections": {}}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        ctx = {"tmp": tmp, "plan": plan(args.dry_run), "device": "cpu" if args.dry_run else "cuda"}
+        for name in args.sections:
+            print(f"[gpu_check] {name} (cap {caps[name]} s) ...", flush=True)
+            deadline = Deadline(caps[name])
+            try:
+                sec = RUNNERS[name](ctx, deadline)
+            except Exception:  # a broken section is recorded, the others still run
+                sec = {"status": "failed", "error": traceback.format_exc()[-3000:]}
+            sec.update(wall_s=round(time.time() - deadline.t0, 1), cap_s=caps[name])
+            res["sections"][name] = sec
+            print(f"[gpu_check] {name}: {sec['status']} ({sec['wall_s']:.0f} s)"
+                  + (f": {sec.get('error') or sec.get('reason')}"[:2000] if sec["status"] != "ok" else ""), flush=True)
+    res["wall_s"] = round(time.time() - t0, 1)
+    res["ok"] = all(s["status"] != "failed" for s in res["sections"].values())
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n" + report(res) + f"\n\n(total {res['wall_s']:.0f} s; JSON: {args.out})")
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--train-probe":  # internal: one launcher run (section 2)
+        rest = sys.argv[3:]
+        sys.exit(train_probe(sys.argv[2], rest[1:] if rest[:1] == ["--"] else rest))
+    sys.exit(main())
