@@ -97,6 +97,12 @@ class TwoViews:
     def __call__(self, img) -> torch.Tensor:
         return torch.stack([self.base(img), self.aug(img)])
 
+    @property
+    def transforms(self):
+        """The base transform's steps: open_clip's synthetic dataset reads its image size from
+        ``preprocess.transforms[0].size``."""
+        return self.base.transforms
+
     def __repr__(self) -> str:
         return f"TwoViews(\n  base={self.base!r},\n  aug={self.aug!r})"
 

@@ -155,3 +155,16 @@ def test_flag_set_reproduces_cyclip_up_to_a_factor_of_two(lam):
     inputs = [v, t, va, ta, log_scale]
     for a, b in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(theirs, inputs)):
         assert torch.allclose(a, 2 * b, rtol=1e-10, atol=1e-12)
+
+
+def test_two_views_work_with_open_clips_synthetic_dataset():
+    """--dataset-type synthetic with a view term: open_clip reads the image size from the train
+    preprocess (it failed with AttributeError on the two-view wrapper)."""
+    from open_clip_train.data import get_synthetic_dataset
+    from openclip_structure.views import TwoViews, augmented_view_transform
+    _, preprocess, _ = open_clip.create_model_and_transforms("structure-tiny")
+    two = TwoViews(preprocess, augmented_view_transform(preprocess, "crop"))
+    args = SimpleNamespace(train_num_samples=4, batch_size=2, workers=0, distributed=False)
+    images, texts = next(iter(get_synthetic_dataset(args, two, is_train=True, tokenizer=open_clip.get_tokenizer(
+        "structure-tiny")).dataloader))
+    assert images.shape == (2, 2, 3, 32, 32)
