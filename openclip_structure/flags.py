@@ -148,6 +148,13 @@ def plugin_destinations(parser: argparse.ArgumentParser) -> list:
     return []
 
 
+def _launched_world_size() -> int:
+    """The number of processes the launcher (torchrun, SLURM, MPI) started, as open_clip_train reads it."""
+    from open_clip_train.distributed import world_info_from_env
+
+    return world_info_from_env()[2]
+
+
 def validate(args) -> None:
     """Cross-flag checks; raises :class:`FlagError` naming the flags and the allowed values."""
     if args.val_structure_metrics == "all":
@@ -171,6 +178,9 @@ def validate(args) -> None:
         raise FlagError(f"{', '.join(fsdp_options)} need --fsdp")
     if args.fsdp and getattr(args, "horovod", False):
         raise FlagError("--fsdp cannot be combined with --horovod")
+    if args.fsdp and _launched_world_size() < 2:
+        raise FlagError("--fsdp needs more than one process (torchrun --nproc_per_node N ...): with one process "
+                        "open_clip builds no data-parallel wrapper, so nothing would be sharded")
     ramped = [spec.flag for spec in TERMS if spec.gap_schedule]
     if args.gap_schedule == "ramp" and not any(spec.gap_schedule for spec in enabled(args)):
         raise FlagError(f"--gap-schedule ramp needs {' or '.join(ramped)} > 0")

@@ -38,8 +38,9 @@ def parse(argv):
 # ---- 1. every flag: bad values refused with the flag named, before anything runs --------------
 
 @pytest.mark.parametrize("action", plugin_actions(), ids=lambda a: a.option_strings[0])
-def test_every_plugin_flag_refuses_bad_values(action, capsys):
+def test_every_plugin_flag_refuses_bad_values(action, capsys, monkeypatch):
     flag = action.option_strings[0]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: --fsdp needs more than one process
     if action.nargs == 0:  # store_true flags take no value
         needs = ["--fsdp"] if flag.startswith("--fsdp-") else []
         assert parse(["--train-data", "x.tar", flag] + needs).__dict__[action.dest] is True
@@ -64,6 +65,13 @@ def test_every_plugin_flag_refuses_bad_values(action, capsys):
     # the default is accepted
     args = parse(["--train-data", "x.tar"])
     assert getattr(args, action.dest) == action.default
+
+
+def test_fsdp_on_one_process_is_refused(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        parse(["--train-data", "x.tar", "--fsdp"])
+    assert "--fsdp needs more than one process" in capsys.readouterr().err
 
 
 def test_readme_flag_table_lists_every_flag_of_the_parser():
