@@ -56,6 +56,19 @@ def bridge_t(text: str):
     return value
 
 
+def _prompt_file(kind: str):
+    def parse(text: str) -> str:
+        from . import zeroshot
+
+        try:
+            (zeroshot.read_classnames if kind == "classnames" else zeroshot.read_templates)(text)
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+        return text
+    parse.__name__ = f"{kind} file"
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the plugin's argument group to ``parser`` (open_clip_train's parser). Idempotent: the
     launcher and open_clip_train's plugin hook (when the patch is applied) may both call it."""
@@ -86,8 +99,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--val-structure-metrics", choices=["gap", "all", "none"], default="gap",
                    help="Extra validation metrics with --val-data (logged as val/...): 'gap' = label-free "
                         "gap measures from open_clip's own validation embeddings (default); 'all' = also "
-                        "group-level clustering metrics, which need a <key>.cls label in every webdataset "
+                        "group-level clustering, class-level retrieval and zero-shot classification, which need a <key>.cls label in every webdataset "
                         "validation sample (one extra pass over the validation shards); 'none'.")
+    g.add_argument("--val-zeroshot-classnames", type=_prompt_file("classnames"), default=None, metavar="FILE",
+                   help="With --val-structure-metrics all: class names of the zero-shot classification "
+                        "(val/zeroshot_top1), one per line, line i = .cls id i. Default: classnames.txt "
+                        "beside the validation shards, else the .cls ids.")
+    g.add_argument("--val-zeroshot-templates", type=_prompt_file("templates"), default=None, metavar="FILE",
+                   help="With --val-structure-metrics all: zero-shot prompt templates, one per line with a "
+                        "{c} placeholder. Default: zeroshot_classification_templates.txt beside the "
+                        "validation shards, else open_clip's SIMPLE_IMAGENET_TEMPLATES.")
     g.add_argument("--fsdp", action="store_true",
                    help="Shard the model with PyTorch FSDP2 (fully_shard per transformer block and at the "
                         "root) instead of DistributedDataParallel; needs more than one process. Checkpoints "
@@ -182,6 +203,11 @@ def validate(args) -> None:
         problem = first_sample_problem(args.val_data)
         if problem:
             raise FlagError(f"--val-structure-metrics all: {problem} (use 'gap', or add a <key>.cls label)")
+    prompt_files = [f for f, v in (("--val-zeroshot-classnames", getattr(args, "val_zeroshot_classnames", None)),
+                                   ("--val-zeroshot-templates", getattr(args, "val_zeroshot_templates", None))) if v]
+    if prompt_files and args.val_structure_metrics != "all":
+        raise FlagError(f"{', '.join(prompt_files)} only feed the labelled validation metrics: "
+                        "add --val-structure-metrics all")
     if getattr(args, "text_aug", "none") != "none" and not views_enabled(args):
         raise FlagError(f"--text-aug {args.text_aug} only feeds the two-view regularizers: set --gc-aug-weight, "
                         "--bridge-weight, --sep-weight or --inmodal-weight > 0 (or drop --text-aug)")

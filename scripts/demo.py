@@ -36,7 +36,7 @@ METHODS = {
 }
 # the columns of the printed table: (metrics key, header)
 COLUMNS = [
-    ("gap", "gap"), ("cos_true_pairs", "cos pairs"), ("separability", "separab."),
+    ("zeroshot_top1", "zero-shot"), ("i2t_class_r1", "class R@1 i2t"), ("gap", "gap"), ("cos_true_pairs", "cos pairs"), ("separability", "separab."),
     ("i2t_r1", "R@1 i2t"), ("t2i_r1", "R@1 t2i"), ("mixed_v_measure", "mixed V"),
     ("mixed_nmi", "mixed NMI"), ("mixed_ari", "mixed ARI"), ("image_v_measure", "image V"),
     ("text_v_measure", "text V"),
@@ -56,14 +56,15 @@ def available_methods():
 
 
 def make_data(out_dir):
-    from openclip_structure.shards import digits_samples, write_dataset
+    from openclip_structure.shards import write_digits_dataset
 
     info_path = os.path.join(out_dir, "dataset.json")
     if os.path.exists(info_path):
-        return json.load(open(info_path))
+        info = json.load(open(info_path))
+        if "prompts" in info:  # older demo folders lack the zero-shot class names and templates
+            return info
     print(f"[demo] writing digits shards to {out_dir}", flush=True)
-    return write_dataset(digits_samples(image_size=32, seed=0), out_dir, val_fraction=0.25,
-                         train_shards=8, val_shards=2, seed=0)
+    return write_digits_dataset(out_dir, image_size=32, seed=0, val_fraction=0.25, train_shards=8, val_shards=2)
 
 
 def train(method, flags, seed, data, size, out_dir, device):
