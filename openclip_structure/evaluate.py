@@ -368,7 +368,7 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
                         device=None, max_samples: Optional[int] = None, seed: int = 0, k: Optional[int] = None,
                         shift: bool = False, alphas: Sequence[float] = DEFAULT_ALPHAS,
                         plots_dir=None, plot_method: str = "pca", label: Optional[str] = None,
-                        zeroshot_classnames=None, zeroshot_templates=None) -> dict:
+                        zeroshot_classnames=None, zeroshot_templates=None, diagnostics: bool = False) -> dict:
     """Load one checkpoint, encode ``data`` and compute every measure.
 
     With labels, the metrics include zero-shot classification (:mod:`openclip_structure.zeroshot`;
@@ -378,7 +378,9 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     ``num_samples``, ``num_classes`` (None without labels), ``labels_used``, ``labels_note``
     (why group metrics were skipped, else None), ``metrics`` (flat dict of floats),
     ``zeroshot_prompts`` (class names, templates and their source, with labels), ``shift`` (with
-    ``shift=True``), ``plots`` (paths, with ``plots_dir``) and timings.
+    ``shift=True``), ``plots`` (paths, with ``plots_dir``) and timings. ``diagnostics=True`` adds
+    the per-term structural diagnostics of :mod:`openclip_structure.diagnostics` (one more pass
+    over the shards for the augmented view and, when the checkpoint has them, the separation heads).
     """
     label = label or default_label(pretrained, model_name)
     t0 = time.perf_counter()
@@ -394,6 +396,14 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
         zs, res["zeroshot_prompts"] = zeroshot.zero_shot_metrics(model, tokenizer, img, used, data,
                                                                  zeroshot_classnames, zeroshot_templates)
         res["metrics"] = {**zs, **res["metrics"]}
+    if diagnostics:
+        from . import diagnostics as D
+
+        heads = D.load_heads(model, pretrained)
+        views = D.encode_structure_views(model, preprocess, tokenizer, data, heads, batch_size=batch_size,
+                                         max_samples=max_samples, seed=seed)
+        res["metrics"].update(D.structure_diagnostics(img, txt, used, seed=seed, **views))
+        res["separation_heads"] = heads is not None
     t2 = time.perf_counter()
     out = {
         "label": label,
@@ -510,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"default: {zeroshot.default_prompt_source()}")
     p.add_argument("--zeroshot-templates", default=None, metavar="FILE",
                    help="zero-shot prompt templates, one per line with a {c} placeholder (CLIP_benchmark's format)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="per-term structural diagnostics (geometric consistency, bridge distance of an augmented "
+                        "view, shared/independent features of separation heads); one extra pass over --data")
     p.add_argument("--shift", action="store_true", help="Liang et al. shift diagnostic over --alphas")
     p.add_argument("--alphas", type=_alphas, default=list(DEFAULT_ALPHAS),
                    help="comma-separated shift amounts, e.g. --alphas=-0.5,0,1 (write '=' when the list "
@@ -553,7 +566,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             args.model, ckpt, args.data, batch_size=args.batch_size, device=args.device,
             max_samples=args.max_samples, seed=args.seed, k=args.k, shift=args.shift, alphas=args.alphas,
             plots_dir=args.plots, plot_method=args.plot_method, label=label,
-            zeroshot_classnames=args.zeroshot_classnames, zeroshot_templates=args.zeroshot_templates)
+            zeroshot_classnames=args.zeroshot_classnames, zeroshot_templates=args.zeroshot_templates,
+            diagnostics=args.diagnostics)
 
     print(format_metrics_table(results))
     if args.shift:

@@ -41,6 +41,13 @@ COLUMNS = [
     ("mixed_nmi", "mixed NMI"), ("mixed_ari", "mixed ARI"), ("image_v_measure", "image V"),
     ("text_v_measure", "text V"),
 ]
+# per-term structural diagnostics (openclip_structure.diagnostics): a second table
+DIAG_COLUMNS = [
+    ("gc_cross_asym", "gc |vt-tv|"), ("gc_inmodal_diff", "gc |vv-tt|"), ("bridge_distance", "bridge dist"),
+    ("aug_view_distance", "aug-view dist"), ("sep_image_shared_ind_cos2", "sep img cos²"),
+    ("sep_image_shared_ind_abs_corr", "sep img |corr|"), ("sep_image_ind_probe_accuracy", "sep img ind probe"),
+    ("sep_text_ind_probe_accuracy", "sep txt ind probe"),
+]
 SIZES = {
     #           epochs, batch, train samples, seeds
     "default": dict(epochs=10, batch=64, samples=1344, seeds=3),
@@ -97,7 +104,8 @@ def train(method, flags, seed, data, size, out_dir, device):
 def evaluate(ckpt, data, device):
     from openclip_structure.evaluate import evaluate_checkpoint
 
-    res = evaluate_checkpoint("structure-tiny", ckpt, data["val"]["pattern"], device=device, seed=0)
+    res = evaluate_checkpoint("structure-tiny", ckpt, data["val"]["pattern"], device=device, seed=0,
+                              diagnostics=True)
     return res["metrics"]
 
 
@@ -106,7 +114,7 @@ def summarise(per_method):
     out = {}
     for method, runs in per_method.items():
         out[method] = {}
-        for key, _ in COLUMNS:
+        for key, _ in COLUMNS + DIAG_COLUMNS:
             vals = np.array([r[key] for r in runs if key in r], dtype=float)
             if vals.size:
                 out[method][key] = (float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
@@ -114,12 +122,13 @@ def summarise(per_method):
     return out
 
 
-def table(summary, seeds):
-    head = ["method"] + [h for _, h in COLUMNS]
+def table(summary, seeds, columns=None):
+    columns = COLUMNS if columns is None else columns
+    head = ["method"] + [h for _, h in columns]
     rows = []
     for method, stats in summary.items():
         cells = [method]
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             if key not in stats:
                 cells.append("-")
                 continue
@@ -184,11 +193,14 @@ def main(argv=None):
             first_ckpt.setdefault(method, ckpt)
     summary = summarise(results)
     text, note = table(summary, seeds)
+    diag, _ = table(summary, seeds, DIAG_COLUMNS)
     pngs = plots(first_ckpt, data, out_dir, args.device)
     cmd = "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"Validation set: {data['val']['num_samples']} digit image/caption pairs, 10 classes; "
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
-          f"model structure-tiny; {note}.\n\n{text}\n\nProduced by `{cmd.strip()}` "
+          f"model structure-tiny; {note}.\n\n{text}\n\nPer-term structural diagnostics "
+          f"(openclip_structure.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
+          f"Produced by `{cmd.strip()}` "
           f"in {time.time() - start:.0f}s.\n")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md)
