@@ -50,10 +50,12 @@ DIAG_COLUMNS = [
 ]
 SIZES = {
     #           epochs, batch, train samples, seeds
-    "default": dict(epochs=10, batch=64, samples=1344, seeds=3),
-    "quick": dict(epochs=1, batch=64, samples=640, seeds=1),
-    "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3),
+    "default": dict(epochs=10, batch=64, samples=1344, seeds=3, lr=2e-3, warmup=20),
+    "quick": dict(epochs=1, batch=64, samples=640, seeds=1, lr=2e-3, warmup=20),
+    "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3, lr=2e-3, warmup=20),
 }
+# command-line overrides of a size (the recipe sweep in docs/recipe.md uses them)
+OVERRIDES = (("epochs", int), ("batch", int), ("samples", int), ("lr", float), ("warmup", int))
 
 
 def available_methods():
@@ -86,8 +88,8 @@ def train(method, flags, seed, data, size, out_dir, device):
     argv = [sys.executable, "-m", "openclip_structure.main", "--",
             "--train-data", data["train"]["pattern"], "--dataset-type", "webdataset",
             "--train-num-samples", str(size["samples"]), "--model", "structure-tiny",
-            "--batch-size", str(size["batch"]), "--epochs", str(size["epochs"]), "--lr", "2e-3",
-            "--warmup", "20", "--wd", "0.1", "--workers", "1", "--seed", str(seed),
+            "--batch-size", str(size["batch"]), "--epochs", str(size["epochs"]), "--lr", str(size["lr"]),
+            "--warmup", str(size["warmup"]), "--wd", "0.1", "--workers", "1", "--seed", str(seed),
             "--logs", out_dir, "--name", name, "--log-every-n-steps", "5", "--report-to", "tensorboard",
             "--precision", "amp" if device == "cuda" else "fp32"] + flags
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -165,12 +167,19 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
+    for key, typ in OVERRIDES:
+        p.add_argument(f"--{key}", type=typ, default=None, help=f"override the budget's {key}")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available")
-    size = SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")]
+    size = dict(SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")])
+    for key, _ in OVERRIDES:
+        if getattr(args, key) is not None:
+            if getattr(args, key) <= 0:
+                raise SystemExit(f"--{key} must be positive, got {getattr(args, key)}")
+            size[key] = getattr(args, key)
     out_dir = os.path.abspath(args.out + ("-quick" if args.quick else ""))
     os.makedirs(out_dir, exist_ok=True)
     seeds = args.seeds or list(range(size["seeds"]))
@@ -198,6 +207,7 @@ def main(argv=None):
     cmd = "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"Validation set: {data['val']['num_samples']} digit image/caption pairs, 10 classes; "
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
+          f"lr {size['lr']:g}, warmup {size['warmup']} steps, "
           f"model structure-tiny; {note}.\n\n{text}\n\nPer-term structural diagnostics "
           f"(openclip_structure.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
           f"Produced by `{cmd.strip()}` "
