@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from openclip_structure import evaluate, export
+from openclip_structure import evaluate, export, zeroshot
 from openclip_structure.benchmark_shards import main as export_main
 from openclip_structure.benchmark_shards import write_benchmark_shards
 from openclip_structure.shards import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples, \
@@ -97,6 +98,9 @@ for task, root in (("zeroshot_classification", cls_root), ("zeroshot_retrieval",
     dl = torch.utils.data.DataLoader(ds.batched(64), batch_size=None, shuffle=False, num_workers=0)
     if task == "zeroshot_classification":
         out[task] = zeroshot_classification.evaluate(model, dl, tokenizer, ds.classes, ds.templates, "cpu", amp=False)
+        clf = zeroshot_classification.zero_shot_classifier(model, tokenizer, ds.classes, ds.templates, "cpu", amp=False)
+        logits, target = zeroshot_classification.run_classification(model, clf, dl, "cpu", amp=False)
+        out["logits"], out["target"] = logits.tolist(), target.tolist()
     else:
         out[task] = zeroshot_retrieval.evaluate(model, dl, tokenizer, "cpu", amp=False, recall_k_list=[1, 5])
 print("RESULT" + json.dumps(out))
@@ -128,6 +132,13 @@ def test_clip_benchmark_accuracy_equals_evaluator(digits, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     cbm = json.loads(res.stdout.split("RESULT", 1)[1])
     ours = evaluate.evaluate_checkpoint(MODEL, str(ckpt), val, device="cpu")["metrics"]
+    # the whole score matrix, not only its argmax: CLIP_benchmark's logits are 100 x cosine
+    m, preprocess, tok = evaluate.load_model(MODEL, str(ckpt), "cpu")
+    img, _, labels = evaluate.encode_shards(m, preprocess, tok, val)
+    names, templates, _ = zeroshot.resolve_prompts(labels, val)
+    scores = img @ zeroshot.build_classifier(m, tok, names, templates).numpy().T
+    np.testing.assert_allclose(np.array(cbm["logits"]) / 100.0, scores, atol=2e-5)
+    assert cbm["target"] == labels.tolist()
     print("clip_benchmark:", cbm, "\nevaluator zero-shot:", ours["zeroshot_top1"], ours["zeroshot_top5"])
     n = 450
     cls = cbm["zeroshot_classification"]
