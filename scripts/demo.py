@@ -50,12 +50,12 @@ DIAG_COLUMNS = [
 ]
 SIZES = {
     #           epochs, batch, train samples, seeds
-    "default": dict(epochs=10, batch=64, samples=1344, seeds=3, lr=2e-3, warmup=20),
-    "quick": dict(epochs=1, batch=64, samples=640, seeds=1, lr=2e-3, warmup=20),
-    "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3, lr=2e-3, warmup=20),
+    "default": dict(epochs=10, batch=64, samples=1344, seeds=3, lr=2e-3, warmup=20, model="structure-tiny"),
+    "quick": dict(epochs=1, batch=64, samples=640, seeds=1, lr=2e-3, warmup=20, model="structure-tiny"),
+    "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3, lr=2e-3, warmup=20, model="structure-tiny"),
 }
 # command-line overrides of a size (the recipe sweep in docs/recipe.md uses them)
-OVERRIDES = (("epochs", int), ("batch", int), ("samples", int), ("lr", float), ("warmup", int))
+OVERRIDES = (("epochs", int), ("batch", int), ("samples", int), ("lr", float), ("warmup", int), ("model", str))
 
 
 def available_methods():
@@ -87,7 +87,7 @@ def train(method, flags, seed, data, size, out_dir, device):
         shutil.rmtree(os.path.join(out_dir, name))
     argv = [sys.executable, "-m", "openclip_structure.main", "--",
             "--train-data", data["train"]["pattern"], "--dataset-type", "webdataset",
-            "--train-num-samples", str(size["samples"]), "--model", "structure-tiny",
+            "--train-num-samples", str(size["samples"]), "--model", size["model"],
             "--batch-size", str(size["batch"]), "--epochs", str(size["epochs"]), "--lr", str(size["lr"]),
             "--warmup", str(size["warmup"]), "--wd", "0.1", "--workers", "1", "--seed", str(seed),
             "--logs", out_dir, "--name", name, "--log-every-n-steps", "5", "--report-to", "tensorboard",
@@ -103,10 +103,10 @@ def train(method, flags, seed, data, size, out_dir, device):
     return ckpt
 
 
-def evaluate(ckpt, data, device):
+def evaluate(ckpt, data, device, model="structure-tiny"):
     from openclip_structure.evaluate import evaluate_checkpoint
 
-    res = evaluate_checkpoint("structure-tiny", ckpt, data["val"]["pattern"], device=device, seed=0,
+    res = evaluate_checkpoint(model, ckpt, data["val"]["pattern"], device=device, seed=0,
                               diagnostics=True)
     return res["metrics"]
 
@@ -144,7 +144,7 @@ def table(summary, seeds, columns=None):
     return "\n".join([line(head), sep] + [line(r) for r in rows]), note
 
 
-def plots(ckpts, data, out_dir, device):
+def plots(ckpts, data, out_dir, device, model_name="structure-tiny"):
     from openclip_structure import plots as P
     from openclip_structure.evaluate import encode_shards, load_model
 
@@ -152,7 +152,7 @@ def plots(ckpts, data, out_dir, device):
     for method in ("baseline", "gap"):
         if method not in ckpts:
             continue
-        model, preprocess, tok = load_model("structure-tiny", ckpts[method], device)
+        model, preprocess, tok = load_model(model_name, ckpts[method], device)
         img, txt, labels = encode_shards(model, preprocess, tok, data["val"]["pattern"])
         path = os.path.join(out_dir, f"embeddings_{method}.png")
         P.plot_embeddings(img, txt, labels, path, title=f"{method}: val embeddings (PCA)")
@@ -177,7 +177,7 @@ def main(argv=None):
     size = dict(SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")])
     for key, _ in OVERRIDES:
         if getattr(args, key) is not None:
-            if getattr(args, key) <= 0:
+            if typ is not str and getattr(args, key) <= 0:
                 raise SystemExit(f"--{key} must be positive, got {getattr(args, key)}")
             size[key] = getattr(args, key)
     out_dir = os.path.abspath(args.out + ("-quick" if args.quick else ""))
@@ -198,17 +198,17 @@ def main(argv=None):
         for j, seed in enumerate(seeds):
             print(f"[demo] run {i * len(seeds) + j + 1}/{total}", flush=True)
             ckpt = train(method, flags, seed, data, size, out_dir, args.device)
-            results.setdefault(method, []).append(evaluate(ckpt, data, args.device))
+            results.setdefault(method, []).append(evaluate(ckpt, data, args.device, size["model"]))
             first_ckpt.setdefault(method, ckpt)
     summary = summarise(results)
     text, note = table(summary, seeds)
     diag, _ = table(summary, seeds, DIAG_COLUMNS)
-    pngs = plots(first_ckpt, data, out_dir, args.device)
+    pngs = plots(first_ckpt, data, out_dir, args.device, size["model"])
     cmd = "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"Validation set: {data['val']['num_samples']} digit image/caption pairs, 10 classes; "
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
           f"lr {size['lr']:g}, warmup {size['warmup']} steps, "
-          f"model structure-tiny; {note}.\n\n{text}\n\nPer-term structural diagnostics "
+          f"model {size['model']}; {note}.\n\n{text}\n\nPer-term structural diagnostics "
           f"(openclip_structure.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
           f"Produced by `{cmd.strip()}` "
           f"in {time.time() - start:.0f}s.\n")
