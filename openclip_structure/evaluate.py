@@ -13,8 +13,9 @@ stripped, strict keys) or ``create_model_and_transforms("local-dir:DIR")`` for a
 first. Every sample of the webdataset shards (``<key>.png|jpg|...`` + ``<key>.txt``, optional
 ``<key>.cls`` integer label) is encoded with the model's validation preprocessing and its
 tokenizer, L2-normalised, and scored with :func:`openclip_structure.metrics.all_metrics`
-(gap measures, retrieval; group-level clustering / kNN / probe when every sample has a label and
-there are at least two classes).
+(gap measures, retrieval; when every sample has a label and there are at least two classes:
+zero-shot classification (:mod:`openclip_structure.zeroshot`), class-level retrieval and
+group-level clustering / kNN / probe).
 
 ``--shift`` adds the diagnostic of Liang et al. 2022 ("Mind the Gap"): both modalities are moved
 along the gap vector by ``alpha`` (:func:`metrics.shift_towards`; 0 = as trained, 1 = centroids
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from . import zeroshot
 from .export import CheckpointError, key_mismatch, format_key_mismatch, quiet_open_clip_logging, \
     read_checkpoint_state_dict
 
@@ -55,6 +57,7 @@ __all__ = [
     "iter_shard_samples",
     "encode_shards",
     "evaluate_embeddings",
+    "labelled_metrics",
     "shift_diagnostic",
     "evaluate_checkpoint",
     "format_metrics_table",
@@ -335,6 +338,17 @@ def evaluate_embeddings(img, txt, labels=None, *, seed: int = 0, k: Optional[int
     return out
 
 
+def labelled_metrics(model, tokenizer, img, txt, labels, pattern=None, classnames_file=None, templates_file=None,
+                     seed: int = 0) -> dict:
+    """The measures that need labels, as used by ``--val-data`` validation: group metrics
+    (:func:`metrics.group_metrics`), class-level retrieval and zero-shot classification
+    (``zeroshot_top1`` ..., prompts from :func:`zeroshot.resolve_prompts`)."""
+    out = zeroshot.zero_shot_metrics(model, tokenizer, img, labels, pattern, classnames_file, templates_file)[0]
+    out.update(M.class_retrieval_recall(img, txt, labels))
+    out.update(M.group_metrics(img, txt, labels, seed=seed))
+    return out
+
+
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
 
@@ -353,13 +367,20 @@ def default_label(pretrained: Optional[str], model_name: Optional[str] = None) -
 def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], data, *, batch_size: int = 256,
                         device=None, max_samples: Optional[int] = None, seed: int = 0, k: Optional[int] = None,
                         shift: bool = False, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                        plots_dir=None, plot_method: str = "pca", label: Optional[str] = None) -> dict:
+                        plots_dir=None, plot_method: str = "pca", label: Optional[str] = None,
+                        zeroshot_classnames=None, zeroshot_templates=None, diagnostics: bool = False) -> dict:
     """Load one checkpoint, encode ``data`` and compute every measure.
 
+    With labels, the metrics include zero-shot classification (:mod:`openclip_structure.zeroshot`;
+    class names and templates from ``zeroshot_classnames`` / ``zeroshot_templates`` files, else
+    from the files beside the shards, else the ``.cls`` ids and open_clip's simple templates).
     Returns a JSON-serialisable dict: ``label``, ``model``, ``pretrained``, ``data``,
     ``num_samples``, ``num_classes`` (None without labels), ``labels_used``, ``labels_note``
     (why group metrics were skipped, else None), ``metrics`` (flat dict of floats),
-    ``shift`` (with ``shift=True``), ``plots`` (paths, with ``plots_dir``) and timings.
+    ``zeroshot_prompts`` (class names, templates and their source, with labels), ``shift`` (with
+    ``shift=True``), ``plots`` (paths, with ``plots_dir``) and timings. ``diagnostics=True`` adds
+    the per-term structural diagnostics of :mod:`openclip_structure.diagnostics` (one more pass
+    over the shards for the augmented view and, when the checkpoint has them, the separation heads).
     """
     label = label or default_label(pretrained, model_name)
     t0 = time.perf_counter()
@@ -371,6 +392,18 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     note = _labels_note(labels, stats)
     used = labels if note is None else None
     res = evaluate_embeddings(img, txt, used, seed=seed, k=k, shift=shift, alphas=alphas)
+    if used is not None:
+        zs, res["zeroshot_prompts"] = zeroshot.zero_shot_metrics(model, tokenizer, img, used, data,
+                                                                 zeroshot_classnames, zeroshot_templates)
+        res["metrics"] = {**zs, **res["metrics"]}
+    if diagnostics:
+        from . import diagnostics as D
+
+        heads = D.load_heads(model, pretrained)
+        views = D.encode_structure_views(model, preprocess, tokenizer, data, heads, batch_size=batch_size,
+                                         max_samples=max_samples, seed=seed)
+        res["metrics"].update(D.structure_diagnostics(img, txt, used, seed=seed, **views))
+        res["separation_heads"] = heads is not None
     t2 = time.perf_counter()
     out = {
         "label": label,
@@ -482,6 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="use the first N samples only")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means, CV folds and train/test splits")
     p.add_argument("--k", type=int, default=None, help="k-means clusters (default: number of classes)")
+    p.add_argument("--zeroshot-classnames", default=None, metavar="FILE",
+                   help="class names for zero-shot classification, one per line (line i = .cls id i); "
+                        f"default: {zeroshot.default_prompt_source()}")
+    p.add_argument("--zeroshot-templates", default=None, metavar="FILE",
+                   help="zero-shot prompt templates, one per line with a {c} placeholder (CLIP_benchmark's format)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="per-term structural diagnostics (geometric consistency, bridge distance of an augmented "
+                        "view, shared/independent features of separation heads); one extra pass over --data")
     p.add_argument("--shift", action="store_true", help="Liang et al. shift diagnostic over --alphas")
     p.add_argument("--alphas", type=_alphas, default=list(DEFAULT_ALPHAS),
                    help="comma-separated shift amounts, e.g. --alphas=-0.5,0,1 (write '=' when the list "
@@ -524,7 +565,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         results[label] = evaluate_checkpoint(
             args.model, ckpt, args.data, batch_size=args.batch_size, device=args.device,
             max_samples=args.max_samples, seed=args.seed, k=args.k, shift=args.shift, alphas=args.alphas,
-            plots_dir=args.plots, plot_method=args.plot_method, label=label)
+            plots_dir=args.plots, plot_method=args.plot_method, label=label,
+            zeroshot_classnames=args.zeroshot_classnames, zeroshot_templates=args.zeroshot_templates,
+            diagnostics=args.diagnostics)
 
     print(format_metrics_table(results))
     if args.shift:

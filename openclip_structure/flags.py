@@ -23,6 +23,20 @@ class FlagError(ValueError):
 
 
 
+def _prompt_file(kind: str):
+    """argparse type: a zero-shot class-name or template file that reads (checked at parse time)."""
+    def parse(text: str) -> str:
+        from . import zeroshot
+
+        try:
+            (zeroshot.read_classnames if kind == "classnames" else zeroshot.read_templates)(text)
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+        return text
+    parse.__name__ = f"{kind} file"
+    return parse
+
+
 VIEW_AUGS = ("crop", "autoaugment")
 TEXT_AUGS = ("none", "captions", "eda")
 
@@ -59,10 +73,22 @@ GENERAL_OPTIONS: Tuple[Option, ...] = (
     Option("--val-structure-metrics", dict(
         choices=["gap", "all", "none"], default="gap",
         help="Extra validation metrics with --val-data (logged as val/...): 'gap' = label-free gap measures "
-             "from open_clip's own validation embeddings (default); 'all' = also group-level clustering "
-             "metrics, which need a <key>.cls label in every webdataset validation sample (one extra pass "
-             "over the validation shards); 'none'."),
+             "from open_clip's own validation embeddings (default); 'all' = also group-level clustering, "
+             "class-level retrieval and zero-shot classification, which need a <key>.cls label in every "
+             "webdataset validation sample (one extra pass over the validation shards); 'none'."),
         "extra `val/...` metrics with `--val-data` (see below)"),
+    Option("--val-zeroshot-classnames", dict(
+        type=_prompt_file("classnames"), default=None, metavar="FILE",
+        help="With --val-structure-metrics all: class names of the zero-shot classification (val/zeroshot_top1), "
+             "one per line, line i = .cls id i. Default: classnames.txt beside the validation shards, else the "
+             ".cls ids."),
+        "zero-shot class names, one per line (default: `classnames.txt` beside the validation shards)"),
+    Option("--val-zeroshot-templates", dict(
+        type=_prompt_file("templates"), default=None, metavar="FILE",
+        help="With --val-structure-metrics all: zero-shot prompt templates, one per line with a {c} placeholder. "
+             "Default: zeroshot_classification_templates.txt beside the validation shards, else open_clip's "
+             "SIMPLE_IMAGENET_TEMPLATES."),
+        "zero-shot prompt templates with `{c}` (default: CLIP_benchmark's file beside the shards, else open_clip's)"),
     Option("--structure-nonfinite", dict(
         choices=["raise", "skip", "warn", "off"], default="raise",
         help="What to do when a loss term is NaN/inf: 'raise' stops with the term's name and the step; 'skip' "
@@ -168,6 +194,11 @@ def validate(args) -> None:
         problem = first_sample_problem(args.val_data)
         if problem:
             raise FlagError(f"--val-structure-metrics all: {problem} (use 'gap', or add a <key>.cls label)")
+    prompt_files = [f for f, v in (("--val-zeroshot-classnames", getattr(args, "val_zeroshot_classnames", None)),
+                                   ("--val-zeroshot-templates", getattr(args, "val_zeroshot_templates", None))) if v]
+    if prompt_files and args.val_structure_metrics != "all":
+        raise FlagError(f"{', '.join(prompt_files)} only feed the labelled validation metrics: "
+                        "add --val-structure-metrics all")
     if getattr(args, "text_aug", "none") != "none" and not views_enabled(args):
         raise FlagError(f"--text-aug {args.text_aug} only feeds the two-view regularizers: set one of "
                         f"{view_flags()} > 0 (or drop --text-aug)")

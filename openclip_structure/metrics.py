@@ -23,6 +23,8 @@ Label-free measures (paired image/text embeddings, pair ``i`` is ``img[i] <-> tx
                               Modality Gap, Object Bias, and Information Imbalance in
                               Contrastive Vision-Language Models" (ICLR 2025).
 - ``retrieval_recall``        R@k in both directions on the cosine matrix (standard CLIP protocol).
+- ``class_retrieval_recall``  class-level R@k: any candidate of the query's class counts as a hit
+                              (well posed when many captions are identical, e.g. template captions).
 
 Group-level measures (class labels per sample), protocol of Grassucci et al. 2026:
 
@@ -60,6 +62,7 @@ __all__ = [
     "modality_separability",
     "relative_modality_gap",
     "retrieval_recall",
+    "class_retrieval_recall",
     "cluster_scores",
     "knn_accuracy",
     "linear_probe_accuracy",
@@ -274,6 +277,41 @@ def retrieval_recall(img, txt, ks: Sequence[int] = (1, 5, 10)) -> dict[str, floa
     return out
 
 
+def _class_hits_one_way(q: np.ndarray, g: np.ndarray, yq: np.ndarray, yg: np.ndarray, ks: Sequence[int]) -> list[float]:
+    """Fraction of queries whose top-k gallery items hold at least one item of the query's class."""
+    n = q.shape[0]
+    rows = max(1, _BLOCK_ELEMENTS // g.shape[0])
+    first = np.empty(n, dtype=np.int64)  # rank of the best-scoring same-class candidate
+    for start in range(0, n, rows):
+        sims = q[start : start + rows] @ g.T
+        same = yq[start : start + sims.shape[0], None] == yg[None, :]
+        best = np.where(same, sims, -np.inf).max(axis=1, keepdims=True)
+        first[start : start + sims.shape[0]] = (sims > best).sum(axis=1)
+    return [float((first < k).mean()) for k in ks]
+
+
+def class_retrieval_recall(img, txt, labels, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Class-level Recall@k both ways: a hit when any of the top-k candidates has the query's class.
+
+    On the cosine matrix ``S = img_n @ txt_n^T`` with the class of pair ``i`` being ``labels[i]``:
+    for an image query, rank = number of captions scoring strictly higher than the best caption of
+    its own class (ties in favour of the class); R@k = mean [rank < k]; text queries likewise
+    against the images. Unlike instance-level :func:`retrieval_recall`, this stays meaningful when
+    many captions are identical (template captions). Returns ``{"i2t_class_r1": ..., "t2i_class_r1":
+    ..., ...}``. Computed in row blocks.
+    """
+    a, b = _paired(img, txt)
+    y = _labels(labels, a.shape[0])
+    ks = [int(k) for k in ks]
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    out = {}
+    for name, (q, g) in (("i2t", (a, b)), ("t2i", (b, a))):
+        for k, r in zip(ks, _class_hits_one_way(q, g, y, y, ks)):
+            out[f"{name}_class_r{k}"] = r
+    return out
+
+
 # ----------------------------------------------------------------------------- group-level measures
 
 
@@ -376,9 +414,11 @@ def gap_metrics(img, txt, ks: Sequence[int] = (1, 5, 10), seed: int = 0) -> dict
 
 def all_metrics(img, txt, labels=None, *, k: int | None = None, ks: Sequence[int] = (1, 5, 10),
                 seed: int = 0) -> dict[str, float]:
-    """``gap_metrics`` plus, when ``labels`` are given, ``group_metrics`` (one flat dict)."""
+    """``gap_metrics`` plus, when ``labels`` are given, ``class_retrieval_recall`` and
+    ``group_metrics`` (one flat dict)."""
     out = gap_metrics(img, txt, ks=ks, seed=seed)
     if labels is not None:
+        out.update(class_retrieval_recall(img, txt, labels, ks=ks))
         out.update(group_metrics(img, txt, labels, k=k, seed=seed))
     return out
 

@@ -50,6 +50,17 @@ DIGIT_TEMPLATES = (
     "a tiny black and white {n} written by hand",
 )
 
+# Held-out prompts for zero-shot classification ({c}: the class name, a number word). None of
+# them is a training caption (tested), so zero-shot accuracy measures transfer to unseen phrasing.
+DIGIT_ZEROSHOT_TEMPLATES = (
+    "a photo of the number {c}.",
+    "a drawing of a {c}.",
+    "a picture showing a {c}.",
+    "this digit is a {c}.",
+    "an example of the digit {c}.",
+    "a {c}, written down.",
+)
+
 
 @dataclass
 class Sample:
@@ -120,7 +131,7 @@ def folder_samples(path, image_size: int | None = None) -> list[Sample]:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
     rels = [p.relative_to(root) for p in files]
     in_classes = all(len(r.parts) > 1 for r in rels)
-    class_ids = {c: i for i, c in enumerate(sorted({r.parts[0] for r in rels}))} if in_classes else {}
+    class_ids = {c: i for i, c in enumerate(folder_class_names(root))} if in_classes else {}
     samples = []
     for p, r in zip(files, rels):
         txt = p.with_suffix(".txt")
@@ -134,6 +145,16 @@ def folder_samples(path, image_size: int | None = None) -> list[Sample]:
         key = _safe_key(str(r.with_suffix("")))
         samples.append(Sample(key, _load_png(p, image_size), txt.read_text(encoding="utf-8").strip(), label))
     return samples
+
+
+def folder_class_names(path) -> list[str]:
+    """Sorted first-level subfolder names (class id i = name i) when every image under ``path``
+    sits inside one, else ``[]``."""
+    root = Path(path)
+    rels = [p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+    if not rels or not all(len(r.parts) > 1 for r in rels):
+        return []
+    return sorted({r.parts[0] for r in rels})
 
 
 def csv_samples(path, img_key: str = "filepath", caption_key: str = "title", label_key: str | None = None,
@@ -249,12 +270,35 @@ def split_train_val(samples: list[Sample], val_fraction: float = 0.25, seed: int
             [samples[i] for i in rng.permutation(val_idx).astype(int)])
 
 
+def write_prompt_files(out_dir, classnames=None, templates=None) -> dict:
+    """Write ``classnames.txt`` / ``zeroshot_classification_templates.txt`` (CLIP_benchmark's
+    names; see :mod:`openclip_structure.zeroshot`) into ``out_dir``; returns the written paths."""
+    from .zeroshot import CLASSNAMES_FILE, TEMPLATES_FILE
+
+    written = {}
+    for key, name, lines in (("classnames", CLASSNAMES_FILE, classnames), ("templates", TEMPLATES_FILE, templates)):
+        if lines:
+            bad = [ln for ln in lines if not str(ln).strip() or "\n" in str(ln)]
+            if bad:
+                raise ValueError(f"{name}: entries must be non-empty single lines, got {bad[:3]}")
+            if key == "templates" and any("{c}" not in t for t in lines):
+                raise ValueError(f"{name}: every template needs a {{c}} placeholder, got {list(lines)[:3]}")
+            path = Path(out_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(f"{ln}\n" for ln in lines), encoding="utf-8")
+            written[key] = str(path.resolve())
+    return written
+
+
 def write_dataset(samples: list[Sample], out_dir, val_fraction: float = 0.25, train_shards: int = 8,
-                  val_shards: int = 2, seed: int = 0) -> dict:
+                  val_shards: int = 2, seed: int = 0, classnames=None, templates=None) -> dict:
     """Split ``samples`` and write ``out_dir/train/`` and ``out_dir/val/`` shard folders.
 
-    Returns (and saves as ``out_dir/dataset.json``) ``{"train": ..., "val": ...,
-    "num_classes": K or None}``, the splits being :func:`write_shards` results.
+    ``classnames`` (class id i = name i) and ``templates`` (``{c}`` placeholders), when given, go
+    to ``out_dir/classnames.txt`` and ``out_dir/zeroshot_classification_templates.txt``, where the
+    evaluator's zero-shot classification finds them. Returns (and saves as
+    ``out_dir/dataset.json``) ``{"train": ..., "val": ..., "num_classes": K or None[, "prompts":
+    paths]}``, the splits being :func:`write_shards` results.
     """
     train, val = split_train_val(samples, val_fraction, seed)
     out = Path(out_dir)
@@ -264,8 +308,18 @@ def write_dataset(samples: list[Sample], out_dir, val_fraction: float = 0.25, tr
         "val": write_shards(val, out / "val", num_shards=val_shards),
         "num_classes": len(labels) or None,
     }
+    prompts = write_prompt_files(out, classnames, templates)
+    if prompts:
+        info["prompts"] = prompts
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def write_digits_dataset(out_dir, image_size: int = 32, seed: int = 0, **kw) -> dict:
+    """The bundled digits as a dataset (:func:`write_dataset`) with their class names (number
+    words) and the held-out zero-shot templates ``DIGIT_ZEROSHOT_TEMPLATES``."""
+    return write_dataset(digits_samples(image_size, seed), out_dir, seed=seed, classnames=list(DIGIT_WORDS),
+                         templates=list(DIGIT_ZEROSHOT_TEMPLATES), **kw)
 
 
 def _expand(pattern_or_paths) -> list[str]:
@@ -314,16 +368,20 @@ def main(argv=None) -> int:
     p.add_argument("--csv-separator", default=",")
     a = p.parse_args(argv)
 
+    split = dict(val_fraction=a.val_fraction, train_shards=a.train_shards, val_shards=a.val_shards)
     if a.source == "digits":
-        samples = digits_samples(a.image_size or 32, a.seed)
+        info = write_digits_dataset(a.out, a.image_size or 32, a.seed, **split)
     elif a.path is None:
         p.error(f"--source {a.source} needs --path")
-    elif a.source == "folder":
-        samples = folder_samples(a.path, a.image_size)
     else:
-        samples = csv_samples(a.path, a.csv_img_key, a.csv_caption_key, a.csv_label_key,
-                              a.csv_separator, a.image_size)
-    info = write_dataset(samples, a.out, a.val_fraction, a.train_shards, a.val_shards, a.seed)
+        if a.source == "folder":
+            samples = folder_samples(a.path, a.image_size)
+            # subfolder names are the class names unless .cls files give the ids
+            names = [] if any(Path(a.path).rglob("*.cls")) else folder_class_names(a.path)
+        else:
+            samples, names = csv_samples(a.path, a.csv_img_key, a.csv_caption_key, a.csv_label_key,
+                                         a.csv_separator, a.image_size), None
+        info = write_dataset(samples, a.out, seed=a.seed, classnames=names or None, **split)
     for split in ("train", "val"):
         s = info[split]
         print(f"{split}: {s['pattern']}  ({s['num_samples']} samples, {s['num_shards']} shards)")

@@ -10,7 +10,8 @@ metrics:
   open_clip already has (gap, cosine of true pairs, intra-modal cosines, Fang uniformity,
   relative gap, linear separability of the modalities).
 * ``all``: also the group-level measures (k-means V-measure/NMI/ARI/homogeneity on the mixed
-  image+text set and per modality, kNN and linear probe), which need class labels: open_clip's
+  image+text set and per modality, kNN and linear probe, class-level retrieval and zero-shot
+  classification, see :func:`openclip_structure.evaluate.labelled_metrics`), which need class labels: open_clip's
   validation loader drops every field but image and text, so rank 0 re-reads the webdataset
   validation shards with their ``<key>.cls`` label field (one extra pass over the validation
   set, reported in the log).
@@ -99,7 +100,7 @@ class ValidationHook:
         """Group metrics from a labelled pass over the validation shards. Never raises: a
         problem with the data (missing labels, an unreadable shard) is logged and the group
         metrics are skipped for this evaluation, so a long run is not lost at its validation."""
-        from .evaluate import encode_shards
+        from .evaluate import encode_shards, labelled_metrics
 
         start = time.perf_counter()
         model = getattr(model, "module", model)
@@ -109,7 +110,9 @@ class ValidationHook:
                                                  batch_size=args.batch_size, device=args.device)
             if labels is None:
                 raise ValueError(f"some validation samples of {args.val_data} have no .cls label")
-            out = dict(metrics.group_metrics(img, txt, labels))
+            out = labelled_metrics(model, tokenizer, img, txt, labels, args.val_data,
+                                   getattr(args, "val_zeroshot_classnames", None),
+                                   getattr(args, "val_zeroshot_templates", None))
         except Exception as e:  # noqa: BLE001 - logged, training goes on
             logging.error(f"openclip-structure: group metrics skipped this evaluation: {e}")
             return {}

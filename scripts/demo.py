@@ -36,17 +36,26 @@ METHODS = {
 }
 # the columns of the printed table: (metrics key, header)
 COLUMNS = [
-    ("gap", "gap"), ("cos_true_pairs", "cos pairs"), ("separability", "separab."),
+    ("zeroshot_top1", "zero-shot"), ("i2t_class_r1", "class R@1 i2t"), ("gap", "gap"), ("cos_true_pairs", "cos pairs"), ("separability", "separab."),
     ("i2t_r1", "R@1 i2t"), ("t2i_r1", "R@1 t2i"), ("mixed_v_measure", "mixed V"),
     ("mixed_nmi", "mixed NMI"), ("mixed_ari", "mixed ARI"), ("image_v_measure", "image V"),
     ("text_v_measure", "text V"),
 ]
+# per-term structural diagnostics (openclip_structure.diagnostics): a second table
+DIAG_COLUMNS = [
+    ("gc_cross_asym", "gc |vt-tv|"), ("gc_inmodal_diff", "gc |vv-tt|"), ("bridge_distance", "bridge dist"),
+    ("aug_view_distance", "aug-view dist"), ("sep_image_shared_ind_cos2", "sep img cos²"),
+    ("sep_image_shared_ind_abs_corr", "sep img |corr|"), ("sep_image_ind_probe_accuracy", "sep img ind probe"),
+    ("sep_text_ind_probe_accuracy", "sep txt ind probe"),
+]
 SIZES = {
     #           epochs, batch, train samples, seeds
-    "default": dict(epochs=10, batch=64, samples=1344, seeds=3),
-    "quick": dict(epochs=1, batch=64, samples=640, seeds=1),
-    "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3),
+    "default": dict(epochs=10, batch=64, samples=1344, seeds=3, lr=2e-3, warmup=20, model="structure-tiny"),
+    "quick": dict(epochs=1, batch=64, samples=640, seeds=1, lr=2e-3, warmup=20, model="structure-tiny"),
+    "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3, lr=2e-3, warmup=20, model="structure-tiny"),
 }
+# command-line overrides of a size (the recipe sweep in docs/recipe.md uses them)
+OVERRIDES = (("epochs", int), ("batch", int), ("samples", int), ("lr", float), ("warmup", int), ("model", str))
 
 
 def available_methods():
@@ -56,14 +65,15 @@ def available_methods():
 
 
 def make_data(out_dir):
-    from openclip_structure.shards import digits_samples, write_dataset
+    from openclip_structure.shards import write_digits_dataset
 
     info_path = os.path.join(out_dir, "dataset.json")
     if os.path.exists(info_path):
-        return json.load(open(info_path))
+        info = json.load(open(info_path))
+        if "prompts" in info:  # older demo folders lack the zero-shot class names and templates
+            return info
     print(f"[demo] writing digits shards to {out_dir}", flush=True)
-    return write_dataset(digits_samples(image_size=32, seed=0), out_dir, val_fraction=0.25,
-                         train_shards=8, val_shards=2, seed=0)
+    return write_digits_dataset(out_dir, image_size=32, seed=0, val_fraction=0.25, train_shards=8, val_shards=2)
 
 
 def train(method, flags, seed, data, size, out_dir, device):
@@ -77,9 +87,9 @@ def train(method, flags, seed, data, size, out_dir, device):
         shutil.rmtree(os.path.join(out_dir, name))
     argv = [sys.executable, "-m", "openclip_structure.main", "--",
             "--train-data", data["train"]["pattern"], "--dataset-type", "webdataset",
-            "--train-num-samples", str(size["samples"]), "--model", "structure-tiny",
-            "--batch-size", str(size["batch"]), "--epochs", str(size["epochs"]), "--lr", "2e-3",
-            "--warmup", "20", "--wd", "0.1", "--workers", "1", "--seed", str(seed),
+            "--train-num-samples", str(size["samples"]), "--model", size["model"],
+            "--batch-size", str(size["batch"]), "--epochs", str(size["epochs"]), "--lr", str(size["lr"]),
+            "--warmup", str(size["warmup"]), "--wd", "0.1", "--workers", "1", "--seed", str(seed),
             "--logs", out_dir, "--name", name, "--log-every-n-steps", "5", "--report-to", "tensorboard",
             "--precision", "amp" if device == "cuda" else "fp32"] + flags
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -93,10 +103,11 @@ def train(method, flags, seed, data, size, out_dir, device):
     return ckpt
 
 
-def evaluate(ckpt, data, device):
+def evaluate(ckpt, data, device, model="structure-tiny"):
     from openclip_structure.evaluate import evaluate_checkpoint
 
-    res = evaluate_checkpoint("structure-tiny", ckpt, data["val"]["pattern"], device=device, seed=0)
+    res = evaluate_checkpoint(model, ckpt, data["val"]["pattern"], device=device, seed=0,
+                              diagnostics=True)
     return res["metrics"]
 
 
@@ -105,7 +116,7 @@ def summarise(per_method):
     out = {}
     for method, runs in per_method.items():
         out[method] = {}
-        for key, _ in COLUMNS:
+        for key, _ in COLUMNS + DIAG_COLUMNS:
             vals = np.array([r[key] for r in runs if key in r], dtype=float)
             if vals.size:
                 out[method][key] = (float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
@@ -113,12 +124,13 @@ def summarise(per_method):
     return out
 
 
-def table(summary, seeds):
-    head = ["method"] + [h for _, h in COLUMNS]
+def table(summary, seeds, columns=None):
+    columns = COLUMNS if columns is None else columns
+    head = ["method"] + [h for _, h in columns]
     rows = []
     for method, stats in summary.items():
         cells = [method]
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             if key not in stats:
                 cells.append("-")
                 continue
@@ -132,7 +144,7 @@ def table(summary, seeds):
     return "\n".join([line(head), sep] + [line(r) for r in rows]), note
 
 
-def plots(ckpts, data, out_dir, device):
+def plots(ckpts, data, out_dir, device, model_name="structure-tiny"):
     from openclip_structure import plots as P
     from openclip_structure.evaluate import encode_shards, load_model
 
@@ -140,7 +152,7 @@ def plots(ckpts, data, out_dir, device):
     for method in ("baseline", "gap"):
         if method not in ckpts:
             continue
-        model, preprocess, tok = load_model("structure-tiny", ckpts[method], device)
+        model, preprocess, tok = load_model(model_name, ckpts[method], device)
         img, txt, labels = encode_shards(model, preprocess, tok, data["val"]["pattern"])
         path = os.path.join(out_dir, f"embeddings_{method}.png")
         P.plot_embeddings(img, txt, labels, path, title=f"{method}: val embeddings (PCA)")
@@ -155,12 +167,19 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
+    for key, typ in OVERRIDES:
+        p.add_argument(f"--{key}", type=typ, default=None, help=f"override the budget's {key}")
     args = p.parse_args(argv)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available")
-    size = SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")]
+    size = dict(SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")])
+    for key, _ in OVERRIDES:
+        if getattr(args, key) is not None:
+            if typ is not str and getattr(args, key) <= 0:
+                raise SystemExit(f"--{key} must be positive, got {getattr(args, key)}")
+            size[key] = getattr(args, key)
     out_dir = os.path.abspath(args.out + ("-quick" if args.quick else ""))
     os.makedirs(out_dir, exist_ok=True)
     seeds = args.seeds or list(range(size["seeds"]))
@@ -179,15 +198,19 @@ def main(argv=None):
         for j, seed in enumerate(seeds):
             print(f"[demo] run {i * len(seeds) + j + 1}/{total}", flush=True)
             ckpt = train(method, flags, seed, data, size, out_dir, args.device)
-            results.setdefault(method, []).append(evaluate(ckpt, data, args.device))
+            results.setdefault(method, []).append(evaluate(ckpt, data, args.device, size["model"]))
             first_ckpt.setdefault(method, ckpt)
     summary = summarise(results)
     text, note = table(summary, seeds)
-    pngs = plots(first_ckpt, data, out_dir, args.device)
+    diag, _ = table(summary, seeds, DIAG_COLUMNS)
+    pngs = plots(first_ckpt, data, out_dir, args.device, size["model"])
     cmd = "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"Validation set: {data['val']['num_samples']} digit image/caption pairs, 10 classes; "
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
-          f"model structure-tiny; {note}.\n\n{text}\n\nProduced by `{cmd.strip()}` "
+          f"lr {size['lr']:g}, warmup {size['warmup']} steps, "
+          f"model {size['model']}; {note}.\n\n{text}\n\nPer-term structural diagnostics "
+          f"(openclip_structure.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
+          f"Produced by `{cmd.strip()}` "
           f"in {time.time() - start:.0f}s.\n")
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md)

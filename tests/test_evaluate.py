@@ -16,7 +16,8 @@ import torch
 
 from openclip_structure import evaluate, export, plots
 from openclip_structure.metrics import gap_metrics
-from openclip_structure.shards import Sample, digits_samples, write_dataset, write_shards
+from openclip_structure.shards import (DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples,
+                                       write_digits_dataset, write_prompt_files, write_shards)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "structure-tiny"
@@ -32,9 +33,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Digits shards: train (2 shards) and val (1 shard, 450 labelled pairs)."""
+    """Digits shards: train (2 shards) and val (1 shard, 450 labelled pairs), with class names and
+    held-out zero-shot templates beside them."""
     out = tmp_path_factory.mktemp("digits")
-    return write_dataset(digits_samples(32, 0), out, train_shards=2, val_shards=1)
+    return write_digits_dataset(out, train_shards=2, val_shards=1)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +119,11 @@ def test_evaluate_json_table_shift_plots(trained, data, tmp_path, capsys):
         assert key in m, key
         assert isinstance(m[key], float) and math.isfinite(m[key]), (key, m[key])
     assert 0 < m["gap"] <= 2 and 0 <= m["mixed_v_measure"] <= 1
+    # zero-shot classification with the digits' own class names and held-out templates
+    for key in ("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall", "i2t_class_r1", "t2i_class_r5"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert res["zeroshot_prompts"]["classnames"] == list(DIGIT_WORDS)
+    assert res["zeroshot_prompts"]["templates"] == list(DIGIT_ZEROSHOT_TEMPLATES)
 
     # table: one column named after the run, a row per metric with the JSON value
     rows = _table_rows(out)
@@ -334,6 +341,36 @@ def test_encode_shards_without_labels_skips_group_metrics(random_ckpt, unlabelle
     assert res["metrics"]["gap"] == pytest.approx(gap_metrics(img, txt)["gap"], abs=1e-6)
     table = evaluate.format_metrics_table({"rand": res})
     assert "group metrics skipped" in table and "mixed_v_measure" not in table
+
+
+def test_zero_shot_in_evaluator_matches_independent_computation(random_ckpt, tmp_path, capsys):
+    ckpt, _ = random_ckpt
+    samples = digits_samples(32, 0)[:40]
+    shards = write_shards(samples, tmp_path / "val", num_shards=1)["pattern"]
+    names, templates = ["nought", "uno", "deux", "drei", "quattro", "five", "six", "seven", "eight", "nine"], \
+        ["a sketch of {c}", "{c}!"]
+    files = write_prompt_files(tmp_path / "prompts", names, templates)
+    argv = ["--model", MODEL, "--pretrained", ckpt, "--data", shards, "--device", "cpu", "--out", tmp_path / "r.json",
+            "--zeroshot-classnames", files["classnames"], "--zeroshot-templates", files["templates"]]
+    rc, out, err = _run_main(evaluate.main, argv, capsys)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())["checkpoints"]["epoch_0"]
+    assert res["zeroshot_prompts"]["classnames"] == names
+    # independently: encode images and prompts, average the unit prompt embeddings, argmax of cosine
+    model, preprocess, tokenizer = evaluate.load_model(MODEL, str(ckpt), "cpu")
+    img, _, labels = evaluate.encode_shards(model, preprocess, tokenizer, shards)
+    with torch.no_grad():
+        cls = []
+        for name in names:
+            e = model.encode_text(tokenizer([t.replace("{c}", name) for t in templates]), normalize=True).mean(0)
+            cls.append((e / e.norm()).numpy())
+    pred = (img @ np.stack(cls).T).argmax(1)
+    assert res["metrics"]["zeroshot_top1"] == pytest.approx(float((pred == labels).mean()), abs=1e-9)
+    assert float(_table_rows(out)["zeroshot_top1"][0]) == pytest.approx(res["metrics"]["zeroshot_top1"], abs=1e-4)
+    # a class-name file that does not cover the labels is a clear error
+    (tmp_path / "few.txt").write_text("a\nb\n")
+    rc, _, err = _run_main(evaluate.main, argv[:-4] + ["--zeroshot-classnames", tmp_path / "few.txt"], capsys)
+    assert rc == 2 and "has no class name" in err and "few.txt names 2 classes" in err
 
 
 def test_plot_gap_over_training(tmp_path):

@@ -172,7 +172,8 @@ def test_validation_adds_gap_and_group_metrics(gap_run):
     r = results[0]
     assert "image_to_text_R@1" in r  # open_clip's own metrics are still there
     for key in ("modality_gap", "cos_true_pairs", "modality_separability", "fang_uniformity",
-                "mixed_v_measure", "image_v_measure", "text_v_measure", "mixed_knn_accuracy"):
+                "mixed_v_measure", "image_v_measure", "text_v_measure", "mixed_knn_accuracy",
+                "zeroshot_top1", "i2t_class_r1", "t2i_class_r1"):
         assert isinstance(r[key], float) and r[key] == r[key], key
     assert 0.0 <= r["modality_gap"] <= 2.0 and 0.0 <= r["mixed_v_measure"] <= 1.0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

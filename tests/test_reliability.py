@@ -114,6 +114,18 @@ def test_group_metrics_without_labels_refused_before_training(tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err)
 
 
+def test_zero_shot_prompt_files_need_labelled_validation(tmp_path, capsys):
+    (tmp_path / "names.txt").write_text("zero\none\n")
+    with pytest.raises(SystemExit) as e:
+        parse(["--train-data", "x.tar", "--val-zeroshot-classnames", str(tmp_path / "names.txt")])
+    assert e.value.code == 2
+    assert "--val-zeroshot-classnames only feed the labelled validation metrics" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("a photo\n")
+    with pytest.raises(SystemExit):
+        parse(["--train-data", "x.tar", "--val-zeroshot-templates", str(tmp_path / "t.txt")])
+    assert "argument --val-zeroshot-templates" in capsys.readouterr().err
+
+
 # ---- 2. degenerate batches: finite values and gradients for every term ------------------------
 
 ALL_TERMS = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "1", "--gc-aug-weight", "1",

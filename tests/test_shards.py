@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from openclip_structure.shards import (
-    DIGIT_TEMPLATES, DIGIT_WORDS, Sample, csv_samples, digits_samples, folder_samples, read_shards,
-    split_train_val, write_dataset, write_shards,
+    DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, csv_samples, digits_samples, folder_class_names,
+    folder_samples, read_shards, split_train_val, write_dataset, write_shards,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +173,7 @@ def test_folder_samples_class_subfolders(tmp_path):
     assert img.getpixel((3, 3)) == (255, 0, 0)
     write_shards(samples, tmp_path / "out")
     assert read_shards(str(tmp_path / "out" / "00000.tar")) == samples
+    assert folder_class_names(tmp_path) == ["cat", "dog"]  # the class names of ids 0, 1
 
 
 def test_folder_samples_flat_cls_and_errors(tmp_path):
@@ -229,6 +230,10 @@ def test_cli_digits(tmp_path):
     assert sorted(p.name for p in (out / "train").iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "sizes.json"]
     s = read_shards(info["val"]["pattern"])[0]
     assert Image.open(io.BytesIO(s.image)).size == (16, 16)
+    # zero-shot prompts beside the splits: class names (id i = line i) and the held-out templates
+    assert (out / "classnames.txt").read_text().splitlines() == list(DIGIT_WORDS)
+    assert (out / "zeroshot_classification_templates.txt").read_text().splitlines() == list(DIGIT_ZEROSHOT_TEMPLATES)
+    assert info["prompts"]["classnames"] == str((out / "classnames.txt").resolve())
 
     res = subprocess.run([sys.executable, "-m", "openclip_structure.shards", "--source", "folder", "--out",
                           str(tmp_path / "f")], cwd=REPO, capture_output=True, text=True, timeout=60)
