@@ -187,23 +187,24 @@ def wrap_get_data(get_data: Callable, get_args: Callable) -> Callable:
     """open_clip_train's ``get_data`` whose TRAIN dataset tokenizes two captions per sample when
     ``--text-aug`` is on; validation and ImageNet data keep the plain tokenizer."""
 
-    def get_data_with_text_views(args, preprocess_fns, epoch=0, tokenizer=None):
+    def get_data_with_text_views(args, preprocess_fns, epoch=0, tokenizer=None, **kwargs):
         ours = get_args()
         if ours is None or args is not ours or not flags.text_views_enabled(args) or tokenizer is None:
-            return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs)
         eval_keys = ("val_data", "imagenet_val", "imagenet_v2")
         saved = {k: getattr(args, k, None) for k in eval_keys + ("train_data", "dataset_type")}
         try:
             for k in eval_keys:
                 setattr(args, k, None)
-            data = get_data(args, preprocess_fns, epoch=epoch, tokenizer=TwoCaptions(tokenizer, TEXT_VIEW_PAIRS[args.text_aug]()))
+            data = get_data(args, preprocess_fns, epoch=epoch,
+                            tokenizer=TwoCaptions(tokenizer, TEXT_VIEW_PAIRS[args.text_aug]()), **kwargs)
             for k in eval_keys:
                 setattr(args, k, saved[k])
             if any(saved[k] for k in eval_keys):
                 args.train_data = None
                 if args.dataset_type == "synthetic":
                     args.dataset_type = "auto"
-                data.update(get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer))
+                data.update(get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs))
         finally:
             for k, v in saved.items():
                 setattr(args, k, v)
