@@ -168,3 +168,54 @@ def test_killed_at_any_point_of_checkpointing_resume_latest_continues(shards, tm
     assert (ckpts / "epoch_3.pt").exists() and (ckpts / "structure_heads_epoch_3.pth").exists()
     heads_3 = _heads(ckpts / "structure_heads_epoch_3.pth")
     assert any(not torch.equal(heads_1[k], heads_3[k]) for k in heads_1)  # trained on from there
+
+
+# ---- open_clip main's task API: what the task hook does to the task object ----------------------------
+
+class _FakeTask(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.loss = torch.nn.Identity()
+        self.prepared = None
+
+    def prepare_distributed(self, device_ids=None, **kwargs):
+        self.prepared = device_ids
+        return self
+
+
+def _task_args(**kw):
+    from openclip_structure import flags
+    import argparse
+
+    ns = flags.add_arguments(argparse.ArgumentParser()).parse_args([])
+    ns.__dict__.update(dict(fsdp=False, distributed=False, rank=0, world_size=1, distill=False, horovod=False), **kw)
+    return ns
+
+
+def test_task_hook_hands_the_task_our_loss_and_fixes_cpu_ddp_on_that_object_only():
+    from openclip_structure.factory import StructureLoss
+    from openclip_structure.integration import state, task
+
+    args = _task_args(gap_atp_weight=1.0)
+    with state.running(args):
+        t = task.wrap_create_task(lambda a, *rest, **kw: _FakeTask())(args, None)
+    assert isinstance(t.loss, StructureLoss) and isinstance(t.loss.base, torch.nn.Identity)
+    t.prepare_distributed(device_ids=[torch.device("cpu")])
+    assert t.prepared is None  # device_ids dropped for CPU
+    assert "prepare_distributed" in vars(t)  # an attribute of that task object; the class is untouched:
+    fresh = _FakeTask()
+    fresh.prepare_distributed(device_ids=[torch.device("cpu")])
+    assert fresh.prepared == [torch.device("cpu")]
+    with state.running(_task_args()):  # no plugin flag: the task keeps its own loss object
+        plain = task.wrap_create_task(lambda a, *rest, **kw: _FakeTask())(_task_args(), None)
+    assert isinstance(plain.loss, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("flag", ["gc_aug_weight", "sep_weight"])
+def test_task_hook_refuses_two_view_terms_with_open_clips_fsdp(flag):
+    from openclip_structure import flags
+    from openclip_structure.integration import state, task
+
+    args = _task_args(fsdp=True, distributed=True, **{flag: 1.0})
+    with state.running(args), pytest.raises(flags.FlagError, match="cannot be combined with open_clip main's --fsdp"):
+        task.wrap_create_task(lambda a, *rest, **kw: _FakeTask())(args, None)
