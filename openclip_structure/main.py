@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None):
         how = route()
     except shim.IntegrationError as e:
         raise SystemExit(f"error: {e}") from None
-    state.ROUTE[0] = f"open_clip {shim.open_clip_version()} through the {how}"
+    state.ROUTE[0] = None if how == "hook patch" else f"open_clip {shim.open_clip_version()} through the {how}"
     if how == "task API":
         from .integration import task
 

@@ -58,18 +58,21 @@ def test_unpatched_3x_run_changes_no_attribute_of_torch_or_argparse(shards, tmp_
 
 
 @pytest.mark.slow
-def test_hook_patched_run_changes_no_attribute_at_all(shards, tmp_path):
+@pytest.mark.parametrize("entry", ["open_clip_train", "launcher"])
+def test_hook_patched_run_changes_no_attribute_at_all(shards, tmp_path, entry):
+    """``python -m open_clip_train.main`` and the launcher, on a hook-patched open_clip_train."""
     site = copy_package(tmp_path / "site")
     assert script("--target", site).returncode == 0
     register_plugin(site)
     out = tmp_path / "probe.json"
-    proc = train_main(site, PROBE, str(out), "open_clip_train", *train_args(shards, tmp_path, "p"), module=None)
+    proc = train_main(site, PROBE, str(out), entry, *train_args(shards, tmp_path, "p"), module=None)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     probe = json.loads(out.read_text())
     assert probe["epochs_seen"], "the probe never ran inside training"
     assert probe["during"] == [] and probe["after"] == []  # torch, argparse AND open_clip_train
     log = (tmp_path / "p" / "out.log").read_text()
     assert "Sep_icon_loss" in log and "modality_gap" in log
+    assert "through open_clip_train's plugin hook" in log
     assert (tmp_path / "p" / "checkpoints" / "structure_heads_epoch_1.pth").exists()
 
 
