@@ -16,7 +16,10 @@ Names replaced inside open_clip_train's modules (checked at startup like the 3.x
 :data:`TABLE`. Supported scope: CLIP models (CLIPTask and its SigLIP/CoCa siblings for the loss-
 only terms); ``--val-structure-metrics all`` is refused there (the label pass uses 3.x's model
 handling), and so are the two-view terms with open_clip's ``--fsdp`` (the loss-only terms train
-there; the two-view forward failed under its FSDP2 units: logit_scale stayed a DTensor).
+there; the two-view forward fails under its FSDP2 units: open_clip registers ``encode_image`` /
+``encode_text`` as FSDP forward methods, so calling them inside the model's forward reshards the
+root, and ``logit_scale`` is then a DTensor. Calling the class's methods instead trains (checked by
+hand, 2 processes), but it is not yet checked against DDP, so the combination stays refused).
 """
 from __future__ import annotations
 
