@@ -244,17 +244,24 @@ def pooled_image(model, images: torch.Tensor):
     return pooled, proj
 
 
+def _class_method(model, name: str):
+    """``model.<name>`` as the class defines it: an FSDP2 forward method registered on the instance
+    (open_clip main's ``--fsdp`` registers ``encode_image``/``encode_text``) would reshard the root's
+    parameters in the middle of the model's forward."""
+    return getattr(type(model), name).__get__(model)
+
+
 def pooled_text(model, texts: torch.Tensor):
     """(pooled text-transformer output, text_projection) from ONE encode_text call."""
     with _projection_detached(model, "text_projection") as proj:
-        pooled = model.encode_text(texts)
+        pooled = _class_method(model, "encode_text")(texts)
     return pooled, proj
 
 
 def _encode(model, x, modality: str, heads):
     """Unit features (and unit independent features when ``heads``) of a batch."""
     if heads is None:
-        feats = model.encode_image(x) if modality == "image" else model.encode_text(x)
+        feats = _class_method(model, "encode_image" if modality == "image" else "encode_text")(x)
         return F.normalize(feats, dim=-1), None
     pooled, proj = (pooled_image if modality == "image" else pooled_text)(model, x)
     return F.normalize(_project(pooled, proj), dim=-1), heads[modality](pooled)

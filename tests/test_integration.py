@@ -212,13 +212,3 @@ def test_task_hook_hands_the_task_our_loss_and_fixes_cpu_ddp_on_that_object_only
     with state.running(_task_args()):  # no plugin flag: the task keeps its own loss object
         plain = task.wrap_create_task(lambda a, *rest, **kw: _FakeTask())(_task_args(), None)
     assert isinstance(plain.loss, torch.nn.Identity)
-
-
-@pytest.mark.parametrize("flag", ["gc_aug_weight", "sep_weight"])
-def test_task_hook_refuses_two_view_terms_with_open_clips_fsdp(flag):
-    from openclip_structure import flags
-    from openclip_structure.integration import state, task
-
-    args = _task_args(fsdp=True, distributed=True, **{flag: 1.0})
-    with state.running(args), pytest.raises(flags.FlagError, match="cannot be combined with open_clip main's --fsdp"):
-        task.wrap_create_task(lambda a, *rest, **kw: _FakeTask())(args, None)

@@ -15,11 +15,9 @@ plugin
 Names replaced inside open_clip_train's modules (checked at startup like the 3.x table):
 :data:`TABLE`. Supported scope: CLIP models (CLIPTask and its SigLIP/CoCa siblings for the loss-
 only terms); ``--val-structure-metrics all`` is refused there (the label pass uses 3.x's model
-handling), and so are the two-view terms with open_clip's ``--fsdp`` (the loss-only terms train
-there; the two-view forward fails under its FSDP2 units: open_clip registers ``encode_image`` /
-``encode_text`` as FSDP forward methods, so calling them inside the model's forward reshards the
-root, and ``logit_scale`` is then a DTensor. Calling the class's methods instead trains (checked by
-hand, 2 processes), but it is not yet checked against DDP, so the combination stays refused).
+handling). Under open_clip's ``--fsdp`` every term, the views and the heads train and follow the
+DDP run exactly (tested); the two-view forward calls the model class's ``encode_*``, not the FSDP
+forward methods open_clip registers on the instance (those would reshard the root mid-forward).
 """
 from __future__ import annotations
 
@@ -47,12 +45,6 @@ def wrap_create_task(create_task):
         if run is None:
             return task
         run.upstream_fsdp = True
-        if getattr(args, "fsdp", False) and getattr(args, "distributed", False) and flags.views_enabled(args):
-            raise flags.FlagError(
-                "the two-view terms (--gc-aug-weight, --bridge-weight, --sep-weight, --inmodal-weight) cannot be "
-                "combined with open_clip main's --fsdp yet (the two-view forward and the separation heads are not "
-                "checked with its FSDP2 units; the loss-only terms --gap-*-weight and --gc-weight are): use DDP "
-                "(no --fsdp), or open_clip_torch 3.x with the plugin's own --fsdp")
         if getattr(args, "val_structure_metrics", "gap") == "all":
             raise flags.FlagError("--val-structure-metrics all is not supported on open_clip main's task API "
                                   "(use 'gap', or python -m openclip_structure.evaluate on a checkpoint)")
