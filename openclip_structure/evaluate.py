@@ -145,7 +145,7 @@ def load_model(model_name: Optional[str], pretrained: Optional[str], device=None
     """
     import open_clip
 
-    from .main import register_model_configs
+    from .configs import register_model_configs
 
     register_model_configs()
     dev = _device(device)

@@ -177,7 +177,7 @@ def quiet_open_clip_logging():
 
 
 def _register_configs() -> None:
-    from .main import register_model_configs
+    from .configs import register_model_configs
 
     register_model_configs()
 

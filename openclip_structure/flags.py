@@ -131,13 +131,21 @@ def all_options() -> List[Tuple[Option, TermSpec | None]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the plugin's argument group to ``parser`` (open_clip_train's parser). Idempotent: the
-    launcher and open_clip_train's plugin hook (when the patch is applied) may both call it."""
+    launcher and open_clip_train's plugin hook (when the patch is applied) may both call it. Where
+    open_clip has its own ``--fsdp`` (open_clip main), the plugin's FSDP flags are left out."""
     if plugin_destinations(parser):
         return parser
+    upstream_fsdp = parser_has_own_fsdp(parser)
     g = parser.add_argument_group(GROUP_TITLE)
     for option, _ in all_options():
-        g.add_argument(option.flag, **option.kwargs)
+        if not (upstream_fsdp and option.flag.startswith("--fsdp")):
+            g.add_argument(option.flag, **option.kwargs)
     return parser
+
+
+def parser_has_own_fsdp(parser: argparse.ArgumentParser) -> bool:
+    """open_clip main's parser already has ``--fsdp`` (its own FSDP2)."""
+    return "--fsdp" in parser._option_string_actions
 
 
 def _default(option: Option) -> str:
@@ -202,14 +210,16 @@ def validate(args) -> None:
     if getattr(args, "text_aug", "none") != "none" and not views_enabled(args):
         raise FlagError(f"--text-aug {args.text_aug} only feeds the two-view regularizers: set one of "
                         f"{view_flags()} > 0 (or drop --text-aug)")
-    fsdp_options = [f for f, on in (("--fsdp-param-dtype", args.fsdp_param_dtype != "fp32"),
-                                    ("--fsdp-reduce-dtype", args.fsdp_reduce_dtype != "fp32"),
-                                    ("--fsdp-sharded-checkpoint", args.fsdp_sharded_checkpoint)) if on]
+    own_fsdp = hasattr(args, "fsdp_param_dtype")  # else --fsdp is open_clip main's own
+    fsdp_options = [f for f, on in (("--fsdp-param-dtype", getattr(args, "fsdp_param_dtype", "fp32") != "fp32"),
+                                    ("--fsdp-reduce-dtype", getattr(args, "fsdp_reduce_dtype", "fp32") != "fp32"),
+                                    ("--fsdp-sharded-checkpoint", getattr(args, "fsdp_sharded_checkpoint", False)))
+                    if on]
     if fsdp_options and not args.fsdp:
         raise FlagError(f"{', '.join(fsdp_options)} need --fsdp")
-    if args.fsdp and getattr(args, "horovod", False):
+    if getattr(args, "fsdp", False) and getattr(args, "horovod", False):
         raise FlagError("--fsdp cannot be combined with --horovod")
-    if args.fsdp and _launched_world_size() < 2:
+    if own_fsdp and args.fsdp and _launched_world_size() < 2:
         raise FlagError("--fsdp needs more than one process (torchrun --nproc_per_node N ...): with one process "
                         "open_clip builds no data-parallel wrapper, so nothing would be sharded")
     ramped = [spec.flag for spec in TERMS if spec.gap_schedule]

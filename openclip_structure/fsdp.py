@@ -32,9 +32,8 @@ unless it is called):
 * The optimizer overrides are INSTANCE attributes bound by :func:`bind_optimizer`
   (``optimizer.state_dict`` / ``optimizer.load_state_dict`` shadow the class methods on that one
   object; ``del optimizer.state_dict`` restores the class behaviour). open_clip creates the
-  optimizer inside its ``main`` and resumes right after, so the launcher enters
-  :func:`optimizer_binding` around ``main``: every optimizer constructed meanwhile whose
-  parameters belong to a wrapped model is bound automatically (others are untouched).
+  optimizer inside its ``main`` and resumes right after: the plugin's optimizer hook
+  (:mod:`openclip_structure.integration.parallel`) binds it as it is created.
   :func:`gather_full_state` binds the optimizer it is given too.
 * Submodules whose parameters a state-dict hook hides (the separation heads,
   ``model.structure_heads``) get the same treatment: their ``state_dict()`` returns full tensors
@@ -73,7 +72,7 @@ from torch import nn
 
 __all__ = [
     "FSDPModel", "wrap", "is_wrapped", "gather_full_state", "has_full_state", "bind_optimizer",
-    "optimizer_binding", "bind_submodule", "eval_model", "save_sharded", "load_sharded",
+    "bind_submodule", "eval_model", "save_sharded", "load_sharded",
     "is_sharded_checkpoint", "sharded_resume_checkpoint", "GradScaler", "mixed_precision_policy",
     "shard_modules", "StaleStateError",
 ]
@@ -569,27 +568,6 @@ def bind_optimizer(container: FSDPModel, optimizer: torch.optim.Optimizer) -> to
 def _opt_versions(optimizer) -> Tuple[int, ...]:
     return tuple(v._version for s in optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor))
-
-
-@contextlib.contextmanager
-def optimizer_binding() -> Iterator[None]:
-    """While active, every optimizer constructed over a wrapped model's parameters is passed to
-    :func:`bind_optimizer` (wraps ``torch.optim.Optimizer.__init__``; optimizers of other parameters
-    are untouched). Enter it around ``open_clip_train.main.main`` when ``--fsdp`` is on."""
-    orig = torch.optim.Optimizer.__init__
-
-    @functools.wraps(orig)
-    def __init__(self, *args, **kwargs):
-        orig(self, *args, **kwargs)
-        container = _owner_of(self)  # ValueError if it mixes a sharded model's parameters with others
-        if container is not None:
-            bind_optimizer(container, self)
-
-    torch.optim.Optimizer.__init__ = __init__
-    try:
-        yield
-    finally:
-        torch.optim.Optimizer.__init__ = orig
 
 
 # ---- submodules hidden from state_dict (separation heads) ----------------------------------------

@@ -9,15 +9,16 @@ as extra trainable parameters of an open_clip model, and their checkpointing.
   ``*structure_heads.*``) so ``open_clip.create_model(name, pretrained=ckpt)`` still loads the
   checkpoint strictly, and a load-state-dict post hook forgives their absence, so
   ``model.load_state_dict(sd)`` stays strict for everything else.
-* :class:`CheckpointHooks` stores the heads under their own top-level checkpoint key
-  ``structure_heads`` (wrapping ``torch.save`` for open_clip's training-checkpoint dicts) and
-  restores them on ``--resume`` (wrapping open_clip_train's ``pt_load``).
+* :class:`CheckpointHooks` restores saved heads into the model on ``--resume`` and keeps the
+  optimizer state loadable when the checkpoint and the run disagree about the heads. Where the heads
+  are written (their own file beside each checkpoint) and read back is
+  :mod:`openclip_structure.integration.checkpoints`.
 * :func:`check_separation_support` refuses models whose towers the heads cannot attach to.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -117,36 +118,14 @@ def _last_group_ids(opt_sd) -> Optional[list]:
 
 
 class CheckpointHooks:
-    """Saves the heads under ``checkpoint["structure_heads"]`` and restores them on resume.
+    """Restores ``checkpoint["structure_heads"]`` (the heads as saved) into the model on resume.
 
-    ``heads`` and ``model`` are set by the launcher once the model exists (heads None: separation
-    is off).
+    ``heads`` and ``model`` are set once the model exists (heads None: separation is off).
     """
 
     def __init__(self):
         self.heads: Optional[nn.Module] = None
         self.model: Optional[nn.Module] = None
-
-    # ---- saving ----
-    def wrap_save(self, save: Callable) -> Callable:
-        def save_with_heads(obj, f, *args, **kwargs):
-            if (self.heads is not None and isinstance(obj, dict) and "state_dict" in obj and "epoch" in obj
-                    and HEADS_KEY not in obj):
-                obj = dict(obj)
-                obj[HEADS_KEY] = heads_state(self.heads)
-            return save(obj, f, *args, **kwargs)
-
-        save_with_heads.__wrapped__ = save
-        return save_with_heads
-
-    # ---- resuming ----
-    def wrap_pt_load(self, pt_load: Callable) -> Callable:
-        def pt_load_with_heads(file_path, *args, **kwargs):
-            checkpoint = pt_load(file_path, *args, **kwargs)
-            self.restore(checkpoint, file_path)
-            return checkpoint
-
-        return pt_load_with_heads
 
     def restore(self, checkpoint, where="checkpoint") -> None:
         """Load ``checkpoint["structure_heads"]`` (removed from the dict) into the heads; keep the

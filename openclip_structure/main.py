@@ -1,225 +1,77 @@
-"""Launcher: open_clip_train's training entrypoint with the plugin installed.
+"""Launcher: open_clip's training entrypoint with the plugin's hooks in place.
 
     python -m openclip_structure.main [--] <open_clip_train flags> <plugin flags>
     torchrun --nproc_per_node N -m openclip_structure.main -- <flags>
 
-This is the only place that patches open_clip_train. While :func:`main` runs it
+The hooks themselves are in :mod:`openclip_structure.integration` (one module per concern). How
+they reach open_clip depends on what is installed:
 
-* adds the plugin's argument group to open_clip_train's own parser (``--help``, ``params.txt``
-  and the wandb config show the flags) and validates it before anything else happens;
-* replaces ``create_loss`` with :func:`openclip_structure.factory.create_loss`;
-* wraps the LR-scheduler factories so loss-weight schedules know the global step;
-* applies ``--fixed-temperature`` to the created model (logit scale frozen at 1/T);
-* lets DistributedDataParallel run on CPU (open_clip 3.x passes ``device_ids=[cpu]``), or shards
-  the model with FSDP2 instead with ``--fsdp`` (:mod:`openclip_structure.fsdp`: full-state
-  checkpoints on rank 0, optional sharded copies, rank-0 evaluation on an unsharded replica);
-* adds the gap (and optionally group-level) metrics to ``--val-data`` validation
-  (:mod:`openclip_structure.validation`);
-* with the two-view regularizers, wraps the train preprocess / train tokenizer and the model's
-  forward (:mod:`openclip_structure.views`); with ``--sep-weight``, attaches the separation heads,
-  saves them as ``checkpoint["structure_heads"]`` (``torch.save`` wrapper, training-checkpoint
-  dicts only) and restores them on ``--resume`` (``pt_load`` wrapper) (:mod:`openclip_structure.heads`).
+* open_clip_train with the hook patch (``patches/``) and this plugin registered: open_clip calls
+  the hooks itself (:mod:`openclip_structure.plugin`); the launcher only calls
+  ``open_clip_train.main.main(argv)`` and replaces nothing;
+* an unpatched open_clip_train 3.x: :mod:`openclip_structure.integration.shim` replaces the names
+  of its table inside open_clip_train's modules while the run lasts (checked at startup);
+* open_clip main (4.x dev, task API): :mod:`openclip_structure.integration.task`.
 
-Everything is restored when :func:`main` returns.
+No attribute of torch, argparse or any other library is ever replaced.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
-import math
-import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
-import torch
-
-from . import factory, flags, fsdp, views
-from .distributed import CPUFriendlyDDP
-from .heads import CheckpointHooks
-from .schedule import PROGRESS
-from .validation import ValidationHook
-
-MODEL_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+from .configs import MODEL_CONFIG_DIR, register_model_configs  # noqa: F401 (public names)
+from .integration import shim, state
+from .integration.progress import wrap_lr_scheduler as _wrap_scheduler  # noqa: F401 (tests)
 
 
-def register_model_configs() -> None:
-    """Make the bundled tiny configs (e.g. ``structure-tiny``) known to open_clip."""
-    import open_clip
-
-    open_clip.add_model_config(MODEL_CONFIG_DIR)
-
-
-def parse_args_with_plugin(original_parse_args, argv: Sequence[str]) -> argparse.Namespace:
-    """open_clip_train's ``parse_args`` with the plugin group added to the same parser."""
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_with_plugin(parser, args=None, namespace=None):
-        flags.add_arguments(parser)
-        ns = original(parser, args, namespace)
-        try:
-            flags.validate(ns)
-        except flags.FlagError as e:
-            parser.error(str(e))
-        return ns
-
-    argparse.ArgumentParser.parse_args = parse_with_plugin
+def hook_patch_serves_us() -> bool:
+    """open_clip_train has the hook patch (with ``plugins.wrap``) and this plugin is registered."""
     try:
-        return original_parse_args(list(argv))
-    finally:
-        argparse.ArgumentParser.parse_args = original
+        from open_clip_train import plugins
+    except ImportError:
+        return False
+    if not callable(getattr(plugins, "wrap", None)):
+        return False
+    from . import plugin
+
+    return any(p is plugin for p in plugins.load_plugins())
 
 
-def _wrap_scheduler(factory_fn):
-    @functools.wraps(factory_fn)
-    def make(optimizer, base_lr, warmup_length, steps, *args, **kwargs):
-        adjust = factory_fn(optimizer, base_lr, warmup_length, steps, *args, **kwargs)
-        PROGRESS.total_steps = int(steps)
+def uses_task_api() -> bool:
+    """open_clip main (4.x dev): training goes through ``open_clip.create_task``."""
+    import open_clip_train.main as ocm
 
-        def adjust_and_record(step):
-            PROGRESS.step = int(step)
-            return adjust(step)
-
-        return adjust_and_record
-
-    return make
+    return hasattr(ocm, "create_task") and not hasattr(ocm, "create_loss")
 
 
-def _fix_temperature(model, temperature: float) -> None:
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1.0 / temperature))
-    model.logit_scale.requires_grad_(False)
-
-
-_launcher_parsing = False  # installed() entered by the launcher itself (it parses and builds the loss)
-
-
-def launcher_owns_parsing() -> bool:
-    """True while the launcher's own :func:`installed` (``args=None``) is in effect: open_clip_train's
-    plugin hook (:mod:`openclip_structure.plugin`) then stands aside."""
-    return _launcher_parsing
+def route() -> str:
+    """How the hooks reach open_clip here: ``task API``, ``hook patch`` or ``shim``; refuses (with
+    the version named) what the plugin does not support."""
+    version = shim.open_clip_version()
+    if not version.startswith("3."):
+        try:
+            task_api = uses_task_api()
+        except ImportError:
+            task_api = False
+        if not task_api:
+            shim.check_version(version)  # raises IntegrationError naming the version
+        return "task API"
+    return "hook patch" if hook_patch_serves_us() else "shim"
 
 
 @contextlib.contextmanager
-def installed(ocm=None, args=None):
-    """Patch ``open_clip_train.main`` (module ``ocm``) for the duration of the block.
-
-    ``args``: already parsed by open_clip_train's plugin hook (:mod:`openclip_structure.plugin`),
-    which also adds/validates the flags and wraps ``create_loss``: those two are then left alone.
-    """
-    if ocm is None:
-        import open_clip_train.main as ocm
-    state = {}
-    orig = {name: getattr(ocm, name) for name in
-            ("parse_args", "create_loss", "create_model_and_transforms", "evaluate", "train_one_epoch",
-             "cosine_lr", "const_lr", "const_lr_cooldown", "pt_load", "get_data")}
-    orig_ddp = torch.nn.parallel.DistributedDataParallel
-    orig_scaler = torch.amp.GradScaler
-    orig_save = torch.save
-    ckpt_hooks = CheckpointHooks()  # separation heads <-> checkpoint["structure_heads"]
-
-    import open_clip_train.train as oct
-    hook = ValidationHook()
-    orig_metrics = oct.get_clip_metrics
-
-    def parse_args(argv):
-        args = parse_args_with_plugin(orig["parse_args"], argv)
-        state["args"] = hook.args = args
-        return args
-
-    def create_model_and_transforms(model_name, *a, **kw):
-        out = orig["create_model_and_transforms"](model_name, *a, **kw)
-        args = state.get("args")
-        if args is not None and model_name == args.model:
-            hook.preprocess_val = out[2]
-            if args.fixed_temperature is not None:
-                _fix_temperature(out[0], args.fixed_temperature)
-            # two views + separation heads (raises UnsupportedModelError before training)
-            preprocess_train, ckpt_hooks.heads = views.prepare_model(args, model_name, out[0], out[1])
-            ckpt_hooks.model = out[0]
-            out = (out[0], preprocess_train) + tuple(out[2:])
-        return out
-
-    def create_loss(args):
-        return factory.create_loss(args, base_factory=orig["create_loss"], progress=PROGRESS)
-
-    def use_fsdp() -> bool:
-        return bool(getattr(state.get("args"), "fsdp", False))
-
-    class DataParallel(CPUFriendlyDDP):
-        """open_clip's DDP call: FSDP2 with --fsdp, else DDP that also runs on CPU."""
-
-        def __new__(cls, module, *a, **kw):
-            if use_fsdp():
-                state["fsdp_model"] = fsdp.wrap(module, state["args"])
-                return state["fsdp_model"]  # not a cls instance: __init__ is skipped
-            return super().__new__(cls)
-
-    def grad_scaler(*a, **kw):
-        return (fsdp.GradScaler if use_fsdp() else orig_scaler)(*a, **kw)
-
-    def train_one_epoch(model, data, loss, epoch, optimizer, *a, **kw):
-        out = orig["train_one_epoch"](model, data, loss, epoch, optimizer, *a, **kw)
-        if fsdp.is_wrapped(model):  # all ranks: rank 0 then saves open_clip's full checkpoint
-            fsdp.gather_full_state(model, optimizer)
-            args = state["args"]
-            if args.fsdp_sharded_checkpoint:
-                where = os.path.join(args.logs, args.name, "checkpoints", f"epoch_{epoch + 1}_dcp")
-                os.makedirs(where, exist_ok=True)
-                fsdp.save_sharded(model, optimizer, where, epoch + 1)
-        return out
-
-    validation_evaluate = hook.wrap_evaluate(orig["evaluate"])
-
-    def evaluate(model, data, epoch, args, *a, **kw):
-        if fsdp.is_wrapped(model):  # evaluation runs on rank 0 only: give it an unsharded replica
-            if not fsdp.has_full_state(model):
-                fsdp.gather_full_state(model)
-            if args.rank != 0:
-                return {}
-            model = fsdp.eval_model(model)
-        return validation_evaluate(model, data, epoch, args, *a, **kw)
-
-    heads_pt_load = ckpt_hooks.wrap_pt_load(orig["pt_load"])
-
-    def pt_load(path, *a, **kw):
-        container = state.get("fsdp_model")
-        if container is not None and fsdp.is_sharded_checkpoint(path):
-            optimizer = next(iter(fsdp._state(container).optimizers), None)
-            return fsdp.sharded_resume_checkpoint(container, path, optimizer)
-        return heads_pt_load(path, *a, **kw)
-
-    if args is not None:
-        state["args"] = hook.args = args
-    PROGRESS.reset()
-    patches = dict(parse_args=parse_args, create_loss=create_loss,
-                   create_model_and_transforms=create_model_and_transforms,
-                   evaluate=evaluate, train_one_epoch=train_one_epoch, pt_load=pt_load,
-                   get_data=views.wrap_get_data(orig["get_data"], lambda: state.get("args")),
-                   **{k: _wrap_scheduler(orig[k]) for k in ("cosine_lr", "const_lr", "const_lr_cooldown")})
-    if args is not None:
-        del patches["parse_args"], patches["create_loss"]
-    for k, v in patches.items():
-        setattr(ocm, k, v)
-    torch.nn.parallel.DistributedDataParallel = DataParallel
-    torch.amp.GradScaler = grad_scaler
-    binding = fsdp.optimizer_binding()  # sharded models' optimizers get full-state (de)serialisation
-    binding.__enter__()
-    global _launcher_parsing
-    outer_parsing, _launcher_parsing = _launcher_parsing, args is None
-    torch.save = ckpt_hooks.wrap_save(orig_save)
-    oct.get_clip_metrics = hook.wrap_get_clip_metrics(orig_metrics)
-    try:
+def installed(ocm=None):
+    """A run is current and the shim's names are in place (unpatched open_clip_train 3.x)."""
+    with state.running(), shim.installed(ocm) as ocm:
         yield ocm
-    finally:
-        for k, v in orig.items():
-            setattr(ocm, k, v)
-        torch.nn.parallel.DistributedDataParallel = orig_ddp
-        torch.amp.GradScaler = orig_scaler
-        binding.__exit__(None, None, None)
-        _launcher_parsing = outer_parsing
-        torch.save = orig_save
-        oct.get_clip_metrics = orig_metrics
+
+
+def parse_args(argv: List[str]):
+    """open_clip_train's ``parse_args`` with the plugin's group (as the launcher parses)."""
+    with installed() as ocm:
+        return ocm.parse_args(list(argv))
 
 
 def main(argv: Optional[List[str]] = None):
@@ -227,8 +79,23 @@ def main(argv: Optional[List[str]] = None):
     if argv[:1] == ["--"]:  # `torchrun ... -m openclip_structure.main -- --flags`
         argv = argv[1:]
     register_model_configs()
-    with installed() as ocm:
+    try:
+        how = route()
+    except shim.IntegrationError as e:
+        raise SystemExit(f"error: {e}") from None
+    state.ROUTE[0] = None if how == "hook patch" else f"open_clip {shim.open_clip_version()} through the {how}"
+    if how == "task API":
+        from .integration import task
+
+        with task.installed() as ocm:
+            result = ocm.main(argv)
+    elif how == "hook patch":
+        import open_clip_train.main as ocm
+
         result = ocm.main(argv)
+    else:
+        with installed() as ocm:
+            result = ocm.main(argv)
     _shutdown_process_group()
     return result
 
@@ -243,8 +110,7 @@ def _shutdown_process_group() -> None:
 
 
 if __name__ == "__main__":
-    # run the imported module's main(), not this __main__ copy's, so that there is one launcher
-    # state (launcher_owns_parsing) for open_clip_train's plugin hook to see
+    # run the imported module's main(), not this __main__ copy's, so that there is one run state
     from openclip_structure.main import main as _main
 
     sys.exit(_main())

@@ -6,98 +6,38 @@ applied by ``python scripts/apply_open_clip_patch.py``) the plain entrypoint tra
     python -m open_clip_train.main ... --gap-atp-weight 1
     torchrun --nproc_per_node N -m open_clip_train.main ... --gap-atp-weight 1
 
-exactly like ``python -m openclip_structure.main ...``. Without the patch nothing calls this module.
-The hooks (see the patch's ``open_clip_train/plugins.py``):
+exactly like ``python -m openclip_structure.main ...`` (which, on a patched open_clip_train, just
+lets these hooks work). Nothing is replaced anywhere: open_clip calls
 
-* ``add_arguments(parser)``: the plugin's flag group; also registers the bundled model configs
-  (``--model structure-tiny``);
-* ``validate(args, parser)``: :func:`openclip_structure.flags.validate`, ``parser.error`` on a
-  :class:`~openclip_structure.flags.FlagError`;
-* ``wrap_create_loss(create_loss)``: :func:`openclip_structure.factory.create_loss` on top of
-  open_clip's own ``create_loss``;
-* ``install(args)``: the launcher's other run-time patches (:func:`openclip_structure.main.installed`:
-  model preparation, ``--fixed-temperature``, LR-schedule progress, CPU DDP, validation metrics,
-  two views, separation heads in checkpoints) on the running ``open_clip_train.main`` module,
-  without its ``parse_args``/``create_loss`` patches (the two hooks above do that).
+* ``add_arguments(parser)`` / ``validate(args, parser)``: the flags (and the bundled model configs);
+* ``install(args)``: the run's state (:mod:`openclip_structure.integration.state`) around training;
+* ``wrap_<name>(fn)`` at each ``plugins.wrap(name, fn)`` call site: the hooks of
+  :mod:`openclip_structure.integration` (loss, model, data, parallel, checkpoints, validation,
+  progress).
 
-When the launcher itself runs on a patched open_clip_train (``python -m openclip_structure.main``),
-these hooks stand aside: the launcher already does all of it.
+Under the launcher's shim (an older patch that still calls ``add_arguments``/``install``), a run
+is already current and these hooks stand aside.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.util
-import os
-import sys
-from types import ModuleType
-
-
-from . import factory, flags
-from . import main as launcher
-from .schedule import PROGRESS
-
-TRAIN_MODULE = "open_clip_train.main"
-
-def launcher_active() -> bool:
-    """Whether the launcher (``python -m openclip_structure.main``) is running: it adds the flags,
-    validates them and builds the loss itself, so the hooks below stand aside."""
-    return launcher.launcher_owns_parsing()
-
-
-def training_module() -> ModuleType:
-    """The ``open_clip_train.main`` module whose ``main()`` runs: ``__main__`` under
-    ``python -m open_clip_train.main`` (also via torchrun) or ``python .../open_clip_train/main.py``,
-    otherwise the imported module (``open_clip_train.main.main(argv)`` called from code)."""
-    top = sys.modules.get("__main__")
-    spec = getattr(top, "__spec__", None)
-    if spec is not None and spec.name == TRAIN_MODULE:
-        return top
-    found = importlib.util.find_spec(TRAIN_MODULE)
-    path = getattr(top, "__file__", None)
-    if spec is None and path and found is not None and found.origin and \
-            os.path.realpath(path) == os.path.realpath(found.origin):
-        return top
-    import open_clip_train.main as ocm
-    return ocm
+from .integration import flags as _flags
+from .integration import state
+from .integration import (wrap_create_loss, wrap_create_model_and_transforms,  # noqa: F401 (the hooks)
+                          wrap_distributed_data_parallel, wrap_evaluate, wrap_get_clip_metrics, wrap_get_data,
+                          wrap_grad_scaler, wrap_lr_scheduler, wrap_optimizer, wrap_pt_load, wrap_train_one_epoch)
 
 
 def add_arguments(parser) -> None:
-    launcher.register_model_configs()
-    if not launcher_active():  # the launcher adds the group itself
-        flags.add_arguments(parser)
+    _flags.add_arguments(parser)  # idempotent
 
 
 def validate(args, parser) -> None:
-    if launcher_active():
-        return
-    try:
-        flags.validate(args)
-    except flags.FlagError as e:
-        parser.error(str(e))
-
-
-def wrap_create_loss(create_loss):
-    if launcher_active():  # ``create_loss`` already is the launcher's
-        return create_loss
-
-    @functools.wraps(create_loss)
-    def create_structure_loss(args):
-        return factory.create_loss(args, base_factory=create_loss, progress=PROGRESS)
-
-    return create_structure_loss
+    _flags.validate(args, parser)
 
 
 def install(args):
-    """The launcher's run-time patches for this run, or None when the launcher runs."""
-    if launcher_active():
+    """The run's state for the duration of training (None when the launcher's run is current)."""
+    if state.current() is not None:
         return None
-    return _installed(training_module(), args)
+    return state.running(args)
 
-
-@contextlib.contextmanager
-def _installed(ocm: ModuleType, args):
-    """The launcher's patches with the already parsed ``args``; parse_args/create_loss are left to
-    open_clip_train's own hook (this plugin's ``add_arguments``/``validate``/``wrap_create_loss``)."""
-    with launcher.installed(ocm, args=args):
-        yield

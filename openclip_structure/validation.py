@@ -39,9 +39,14 @@ LABEL_FREE: Dict[str, Callable] = {
 }
 
 
+def _as_tensor(features) -> torch.Tensor:
+    """open_clip main hands the validation features over as a list of per-batch chunks."""
+    return torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+
+
 def gap_val_metrics(image_features: torch.Tensor, text_features: torch.Tensor) -> Dict[str, float]:
-    img = image_features.float().cpu().numpy()
-    txt = text_features.float().cpu().numpy()
+    img = _as_tensor(image_features).float().cpu().numpy()
+    txt = _as_tensor(text_features).float().cpu().numpy()
     return {name: float(fn(img, txt)) for name, fn in LABEL_FREE.items()}
 
 
@@ -72,8 +77,9 @@ class ValidationHook:
 
     def wrap_get_clip_metrics(self, original):
         @functools.wraps(original)
-        def get_clip_metrics(image_features, text_features, logit_scale):
-            out = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale)
+        def get_clip_metrics(image_features, text_features, logit_scale, **kwargs):
+            out = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
+                           **kwargs)
             mode = getattr(self.args, "val_structure_metrics", "none")
             if mode != "none":
                 start = time.perf_counter()

@@ -187,23 +187,24 @@ def wrap_get_data(get_data: Callable, get_args: Callable) -> Callable:
     """open_clip_train's ``get_data`` whose TRAIN dataset tokenizes two captions per sample when
     ``--text-aug`` is on; validation and ImageNet data keep the plain tokenizer."""
 
-    def get_data_with_text_views(args, preprocess_fns, epoch=0, tokenizer=None):
+    def get_data_with_text_views(args, preprocess_fns, epoch=0, tokenizer=None, **kwargs):
         ours = get_args()
         if ours is None or args is not ours or not flags.text_views_enabled(args) or tokenizer is None:
-            return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs)
         eval_keys = ("val_data", "imagenet_val", "imagenet_v2")
         saved = {k: getattr(args, k, None) for k in eval_keys + ("train_data", "dataset_type")}
         try:
             for k in eval_keys:
                 setattr(args, k, None)
-            data = get_data(args, preprocess_fns, epoch=epoch, tokenizer=TwoCaptions(tokenizer, TEXT_VIEW_PAIRS[args.text_aug]()))
+            data = get_data(args, preprocess_fns, epoch=epoch,
+                            tokenizer=TwoCaptions(tokenizer, TEXT_VIEW_PAIRS[args.text_aug]()), **kwargs)
             for k in eval_keys:
                 setattr(args, k, saved[k])
             if any(saved[k] for k in eval_keys):
                 args.train_data = None
                 if args.dataset_type == "synthetic":
                     args.dataset_type = "auto"
-                data.update(get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer))
+                data.update(get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs))
         finally:
             for k, v in saved.items():
                 setattr(args, k, v)
@@ -243,17 +244,24 @@ def pooled_image(model, images: torch.Tensor):
     return pooled, proj
 
 
+def _class_method(model, name: str):
+    """``model.<name>`` as the class defines it: an FSDP2 forward method registered on the instance
+    (open_clip main's ``--fsdp`` registers ``encode_image``/``encode_text``) would reshard the root's
+    parameters in the middle of the model's forward."""
+    return getattr(type(model), name).__get__(model)
+
+
 def pooled_text(model, texts: torch.Tensor):
     """(pooled text-transformer output, text_projection) from ONE encode_text call."""
     with _projection_detached(model, "text_projection") as proj:
-        pooled = model.encode_text(texts)
+        pooled = _class_method(model, "encode_text")(texts)
     return pooled, proj
 
 
 def _encode(model, x, modality: str, heads):
     """Unit features (and unit independent features when ``heads``) of a batch."""
     if heads is None:
-        feats = model.encode_image(x) if modality == "image" else model.encode_text(x)
+        feats = _class_method(model, "encode_image" if modality == "image" else "encode_text")(x)
         return F.normalize(feats, dim=-1), None
     pooled, proj = (pooled_image if modality == "image" else pooled_text)(model, x)
     return F.normalize(_project(pooled, proj), dim=-1), heads[modality](pooled)

@@ -33,7 +33,7 @@ LEGACY_PATCH = ROOT / "patches" / "training-2.x-plugins.patch"
 PACKAGE = "open_clip_train"
 SUPPORTED_MAJOR = 3
 #: versions outside 3.x that the 3.x patch was checked to apply to (usable with --force)
-ALSO_APPLIES = ("2.32.0",)
+ALSO_APPLIES: Tuple[str, ...] = ()  # (2.32.0 took the earlier, smaller patch; not this one)
 
 
 class Refused(Exception):

@@ -281,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     def log(*a):
         print(*a, file=stream, flush=True)
 
-    from openclip_structure.main import register_model_configs
+    from openclip_structure.configs import register_model_configs
 
     logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights" warnings: random init is intended
     register_model_configs()

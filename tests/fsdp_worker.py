@@ -157,10 +157,9 @@ def phase_train(job, rank, world):
     o_ddp = make_optimizer(m_ddp)
     res["ddp"] = run_steps(m_ddp, o_ddp, loss_fn, data[:STEPS])
 
-    # (b) FSDP, optimizer bound at construction as under the launcher
-    with fsdp.optimizer_binding():
-        m_fsdp = fsdp.wrap(build(), make_args(GAP, rank, world))
-        o_fsdp = make_optimizer(m_fsdp)
+    # (b) FSDP, optimizer bound after construction as the launcher's optimizer hook does
+    m_fsdp = fsdp.wrap(build(), make_args(GAP, rank, world))
+    o_fsdp = fsdp.bind_optimizer(m_fsdp, make_optimizer(m_fsdp))
     res["fsdp_container_type"] = type(m_fsdp).__name__
     res["n_groups"] = [len(g["params"]) for g in o_fsdp.param_groups]
     res["n_groups_ddp"] = [len(g["params"]) for g in o_ddp.param_groups]
@@ -367,9 +366,8 @@ def phase_resume(job, rank, world):
         return torch.load(os.path.join(d, name), map_location="cpu", weights_only=True)
 
     # FSDP, fresh weights (another seed), resumed as open_clip_train.main resumes a distributed run
-    with fsdp.optimizer_binding():
-        m = fsdp.wrap(build(seed=123), make_args(GAP, rank, world))
-        o = make_optimizer(m)
+    m = fsdp.wrap(build(seed=123), make_args(GAP, rank, world))
+    o = fsdp.bind_optimizer(m, make_optimizer(m))
     checkpoint = load("ckpt.pt")
     m.load_state_dict(checkpoint["state_dict"])
     o.load_state_dict(checkpoint["optimizer"])
@@ -395,18 +393,16 @@ def phase_resume(job, rank, world):
     del m, o
 
     # FSDP resumed from the DDP run's own state (a DDP checkpoint into an FSDP run)
-    with fsdp.optimizer_binding():
-        m = fsdp.wrap(build(seed=5), make_args(GAP, rank, world))
-        o = make_optimizer(m)
+    m = fsdp.wrap(build(seed=5), make_args(GAP, rank, world))
+    o = fsdp.bind_optimizer(m, make_optimizer(m))
     m.load_state_dict({"module." + k: v for k, v in load("ddp_state.pt").items()})
     o.load_state_dict(load("ddp_optimizer.pt"))
     res["fsdp_from_ddp"] = run_steps(m, o, loss_fn, data)
     del m, o
 
     # sharded checkpoint, through the checkpoint-like dict a pt_load hook hands to open_clip
-    with fsdp.optimizer_binding():
-        m = fsdp.wrap(build(seed=321), make_args(GAP, rank, world))
-        o = make_optimizer(m)
+    m = fsdp.wrap(build(seed=321), make_args(GAP, rank, world))
+    o = fsdp.bind_optimizer(m, make_optimizer(m))
     ck = fsdp.sharded_resume_checkpoint(m, os.path.join(d, "sharded"))
     m.load_state_dict(ck["state_dict"])   # what open_clip then does: no-ops
     o.load_state_dict(ck["optimizer"])

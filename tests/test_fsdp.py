@@ -207,12 +207,13 @@ def test_mixed_precision_policy_from_flags():
         fsdp.mixed_precision_policy(argparse.Namespace(fsdp_param_dtype="fp8", fsdp_reduce_dtype="fp32"))
 
 
-def test_optimizer_binding_is_inert_without_a_wrapped_model():
+def test_optimizer_hook_is_inert_without_a_wrapped_model():
+    from openclip_structure.integration import parallel, state
+
     orig_init = torch.optim.Optimizer.__init__
-    with fsdp.optimizer_binding():
-        assert torch.optim.Optimizer.__init__ is not orig_init
-        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
-    assert torch.optim.Optimizer.__init__ is orig_init
+    with state.running():
+        opt = parallel.wrap_optimizer(torch.optim.AdamW)(torch.nn.Linear(2, 2).parameters())
+    assert torch.optim.Optimizer.__init__ is orig_init and type(opt) is torch.optim.AdamW
     assert "state_dict" not in opt.__dict__ and "load_state_dict" not in opt.__dict__
 
 

@@ -53,7 +53,7 @@ def test_fsdp_matches_ddp_and_checkpoints_round_trip(csv_data, tmp_path):
     ckpt = torch.load(full, weights_only=True)
     ddp_ckpt = torch.load(tmp_path / "ddp/checkpoints/epoch_1.pt", weights_only=True)
     assert ckpt["state_dict"].keys() == ddp_ckpt["state_dict"].keys()  # same format as DDP's
-    assert "structure_heads" in ckpt
+    assert "structure_heads" not in ckpt and (tmp_path / "fsdp/checkpoints/structure_heads_epoch_1.pth").exists()
     diff = max((ckpt["state_dict"][k].float() - ddp_ckpt["state_dict"][k].float()).abs().max().item()
                for k in ckpt["state_dict"] if not k.endswith("attn.in_proj_bias"))
     assert diff < 1e-4

@@ -248,11 +248,19 @@ def test_nonfinite_features_name_term_and_step():
     assert torch.isnan(warn(**inputs, output_dict=True)["gap_atp_loss"])
 
 
+class _ShapeBlindBase(torch.nn.Module):
+    """A base loss that accepts any shapes, so that only the plugin's own check can refuse them."""
+
+    def forward(self, image_features, text_features, logit_scale, output_dict=False):
+        return {"contrastive_loss": image_features.sum() * 0 + text_features.sum() * 0}
+
+
 def test_mismatched_feature_shapes_are_refused():
     inputs = clip_inputs()
     inputs["text_features"] = unit(12, 6, 3, torch.float32)
-    loss = create_loss(make_args(gap_atp_weight=1.0))
-    with pytest.raises(Exception, match=r"shape|size"):
+    loss = create_loss(make_args(gap_atp_weight=1.0), base_factory=lambda args: _ShapeBlindBase())
+    with pytest.raises(ValueError, match=r"openclip-structure: embeddings must have the same \[batch, dim\] "
+                                         r"shape, got \{'image': \(\d+, \d+\), 'text': \(12, 6\)\}"):
         loss(**inputs, output_dict=True)
 
 

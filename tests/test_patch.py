@@ -67,8 +67,10 @@ def env(site: Path) -> dict:
 
 
 def train_main(site: Path, *argv, module="open_clip_train.main", timeout=240):
-    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
-                          env=env(site), cwd=str(site.parent), timeout=timeout)
+    """``python -m module argv`` (``module=None``: ``python argv``, a script) with ``site`` first."""
+    command = [sys.executable, "-m", module, *argv] if module else [sys.executable, *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env(site), cwd=str(site.parent),
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,8 @@ def test_apply_check_revert_round_trip(tmp_path, applier):
     after = tree(site)
     assert "open_clip_train/plugins.py" in after and after != before
     assert b"plugins.add_arguments(parser)" in after["open_clip_train/params.py"]
-    assert b"plugins.wrap_create_loss(create_loss)(args)" in after["open_clip_train/main.py"]
+    assert b'plugins.wrap("create_loss", create_loss)(args)' in after["open_clip_train/main.py"]
+    assert b'plugins.wrap("get_clip_metrics", get_clip_metrics)(' in after["open_clip_train/train.py"]
 
     for extra in (["--check"], []):  # idempotent
         proc = script("--target", site, *extra, *applier)
@@ -180,7 +183,7 @@ def test_refuses_modified_files_and_changes_nothing(tmp_path, applier):
     for extra in (["--check"], []):
         proc = script("--target", site, *extra, *applier)
         assert proc.returncode == 1, proc.stdout
-        assert "does not match" in proc.stderr and "open_clip_train/main.py: hunk #4" in proc.stderr
+        assert "does not match" in proc.stderr and "open_clip_train/main.py: hunk #12" in proc.stderr
     assert tree(site) == before
 
 
@@ -275,7 +278,7 @@ def test_patches_are_generic_twins():
                           ("training-2.x-plugins.patch", "training")):
         text = (ROOT / "patches" / name).read_text()
         files = tool.parse_patch(text)
-        assert {fp.path for fp in files} == {f"{package}/{m}.py" for m in ("main", "params", "plugins")}
+        assert {fp.path for fp in files} == {f"{package}/{m}.py" for m in ("main", "params", "plugins", "train")}
         plugins = next(fp for fp in files if fp.creates)
         created[package] = "".join(line[1:] for h in plugins.hunks for line in h.lines)
         added = [line for fp in files for h in fp.hunks for line in h.lines if line[0] == "+"]

@@ -48,8 +48,9 @@ def train(csv_path, logs, name, nproc, extra):
     run(argv, nproc=nproc, script=DRIVER, timeout=600)
     ckpt = torch.load(os.path.join(logs, name, "checkpoints", "epoch_3.pt"), map_location="cpu", weights_only=True)
     weights = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
-    weights.update({f"structure_heads.{k}": v for k, v in ckpt.get("structure_heads", {}).items()
-                    if isinstance(v, torch.Tensor)})
+    heads = torch.load(os.path.join(logs, name, "checkpoints", "structure_heads_epoch_3.pth"), map_location="cpu",
+                       weights_only=True)  # the separation heads, saved beside open_clip's checkpoint
+    weights.update({f"structure_heads.{k}": v for k, v in heads.items()})
     return weights
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import open_clip
@@ -329,31 +330,35 @@ def _step(model, opt):
     opt.step()
 
 
-def test_checkpoint_hooks_save_restore_and_optimizer_alignment(tmp_path, caplog):
+def test_heads_file_beside_checkpoint_restores_and_optimizer_alignment(tmp_path, caplog):
+    from openclip_structure.integration import checkpoints, state
+
     src = _model_with_views(sep=True, seed=1)
     opt = _open_clip_adamw(src)
     _step(src, opt)
-    hooks = CheckpointHooks()
-    hooks.heads, hooks.model = getattr(src, HEADS_KEY), src
-    save = hooks.wrap_save(torch.save)
     ckpt = {"epoch": 1, "name": "x", "state_dict": src.state_dict(), "optimizer": opt.state_dict()}
-    save(ckpt, tmp_path / "c.pt")
-    save({"other": torch.zeros(1)}, tmp_path / "o.pt")
-    assert HEADS_KEY not in ckpt  # the caller's dict is not modified
-    assert HEADS_KEY not in load(tmp_path / "o.pt")
-    saved = load(tmp_path / "c.pt")
-    assert set(saved[HEADS_KEY]) == {"image.proj", "text.proj"}
+    torch.save(ckpt, tmp_path / "epoch_1.pt")  # as open_clip saves it: no heads inside
+    run_src = state.Run(types.SimpleNamespace(save_logs=True, checkpoint_path=str(tmp_path), resume=None))
+    run_src.heads = getattr(src, HEADS_KEY)
+    path = checkpoints.save_heads(run_src, 1)
+    assert path == str(tmp_path / "structure_heads_epoch_1.pth")
+    assert set(load(path)) == {"image.proj", "text.proj"}
+    assert HEADS_KEY not in load(tmp_path / "epoch_1.pt")
+    assert sorted(os.listdir(tmp_path)) == ["epoch_1.pt", "structure_heads_epoch_1.pth"]  # no temporary left
 
-    # resume into a fresh model with heads: restored exactly, optimizer loads
+    # resume into a fresh model with heads: restored exactly from the file of the checkpoint's epoch
     dst = _model_with_views(sep=True, seed=2)
-    hooks2 = CheckpointHooks()
-    hooks2.heads, hooks2.model = getattr(dst, HEADS_KEY), dst
-    ck = hooks2.wrap_pt_load(lambda p, map_location="cpu": load(p))(tmp_path / "c.pt")
+    run_dst = state.Run(types.SimpleNamespace(resume=str(tmp_path / "epoch_1.pt")))
+    run_dst.heads, run_dst.model = getattr(dst, HEADS_KEY), dst
+    ck = load(tmp_path / "epoch_1.pt")
+    checkpoints.restore_heads(run_dst, ck, str(tmp_path / "epoch_1.pt"))
     assert HEADS_KEY not in ck
     dst.load_state_dict(ck["state_dict"])
     _open_clip_adamw(dst).load_state_dict(ck["optimizer"])
     for k in ("image", "text"):
         assert torch.equal(getattr(dst, HEADS_KEY)[k].proj, getattr(src, HEADS_KEY)[k].proj)
+    saved_with_heads = dict(load(tmp_path / "epoch_1.pt"), **{HEADS_KEY: load(path)})
+    torch.save(saved_with_heads, tmp_path / "c.pt")  # the layout of earlier plugin versions
 
     # a plain CLIP checkpoint (no heads, smaller optimizer) resumed with separation: warning, fresh heads
     plain = tiny()
@@ -377,6 +382,7 @@ def test_checkpoint_hooks_save_restore_and_optimizer_alignment(tmp_path, caplog)
     h4 = CheckpointHooks()
     h4.model = nosep
     ck = load(tmp_path / "c.pt")
+    assert HEADS_KEY in ck
     with caplog.at_level(logging.WARNING):
         h4.restore(ck, "c.pt")
     assert "--sep-weight is 0" in caplog.text
@@ -497,9 +503,10 @@ def test_training_with_every_regularizer_logs_every_term(all_run):
     log = open(run_dir / "out.log").read()
     assert "two views per sample" in log and "separation heads: on" in log
     ckpt = load(run_dir / "checkpoints" / "epoch_1.pt")
-    assert set(ckpt[HEADS_KEY]) == {"image.proj", "text.proj"}
-    assert ckpt[HEADS_KEY]["image.proj"].shape == (64, 32)
-    assert not any(HEADS_KEY in k for k in ckpt["state_dict"])
+    heads = load(run_dir / "checkpoints" / "structure_heads_epoch_1.pth")  # beside open_clip's checkpoint
+    assert set(heads) == {"image.proj", "text.proj"}
+    assert heads["image.proj"].shape == (64, 32)
+    assert HEADS_KEY not in ckpt and not any(HEADS_KEY in k for k in ckpt["state_dict"])
     # the heads were optimised: AdamW state for the last two entries of the weight-decay group
     ids = ckpt["optimizer"]["param_groups"][-1]["params"][-2:]
     assert len(ckpt["optimizer"]["state"]) == sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
@@ -517,7 +524,7 @@ def test_checkpoint_loads_with_plain_open_clip_in_fresh_process(all_run):
         "open_clip.add_model_config(sys.argv[1])\n"
         "m = open_clip.create_model('structure-tiny', pretrained=sys.argv[2])\n"
         "c = torch.load(sys.argv[2], weights_only=True)\n"
-        "assert 'structure_heads' in c\n"
+        "assert 'structure_heads' not in c\n"
         "print(max((m.state_dict()[k] - v).abs().max().item() for k, v in c['state_dict'].items()))\n"
         "print(len(m.state_dict()) == len(c['state_dict']))\n"
     )
@@ -541,8 +548,10 @@ def test_resume_latest_restores_heads_exactly(all_run):
     assert "restored the separation heads (structure_heads)" in log and "resuming checkpoint" in log
     e1, e2 = load(run_dir / "checkpoints" / "epoch_1.pt"), load(run_dir / "checkpoints" / "epoch_2.pt")
     assert e2["epoch"] == 2
+    h1 = load(run_dir / "checkpoints" / "structure_heads_epoch_1.pth")
+    h2 = load(run_dir / "checkpoints" / "structure_heads_epoch_2.pth")
     for k in ("image.proj", "text.proj"):
-        assert torch.equal(e1[HEADS_KEY][k], e2[HEADS_KEY][k]), k
+        assert torch.equal(h1[k], h2[k]), k
     assert all(torch.equal(e1["state_dict"][k], e2["state_dict"][k]) for k in e1["state_dict"])
 
 
@@ -550,8 +559,8 @@ def test_resume_latest_restores_heads_exactly(all_run):
 def test_resume_from_checkpoint_without_heads_warns_and_starts_fresh(all_run, tmp_path):
     run_dir, argv = all_run
     stripped = load(run_dir / "checkpoints" / "epoch_1.pt")
-    heads_e1 = stripped.pop(HEADS_KEY)
-    torch.save(stripped, tmp_path / "no_heads.pt")
+    heads_e1 = load(run_dir / "checkpoints" / "structure_heads_epoch_1.pth")
+    torch.save(stripped, tmp_path / "no_heads.pt")  # a copy without the heads file beside it
     argv = [a if argv[i - 1] != "--epochs" else "2" for i, a in enumerate(argv)]
     argv = [a if argv[i - 1] != "--lr" else "0" for i, a in enumerate(argv)]
     argv = [a if argv[i - 1] != "--train-num-samples" else "64" for i, a in enumerate(argv)]
@@ -560,8 +569,9 @@ def test_resume_from_checkpoint_without_heads_warns_and_starts_fresh(all_run, tm
     log = open(tmp_path / "all" / "out.log").read()
     assert "has no 'structure_heads' entry: the deep-feature-separation heads start from a fresh" in log
     e2 = load(tmp_path / "all" / "checkpoints" / "epoch_2.pt")
+    h2 = load(tmp_path / "all" / "checkpoints" / "structure_heads_epoch_2.pth")
     for k in ("image.proj", "text.proj"):  # lr 0: these are the fresh heads, not epoch 1's
-        assert not torch.allclose(e2[HEADS_KEY][k], heads_e1[k], atol=1e-3), k
+        assert not torch.allclose(h2[k], heads_e1[k], atol=1e-3), k
     assert all(torch.equal(stripped["state_dict"][k], e2["state_dict"][k]) for k in stripped["state_dict"])
 
 
@@ -582,4 +592,4 @@ def test_two_process_views_and_separation_with_local_loss(data, tmp_path):
     ckpt = load(tmp_path / "ddp" / "checkpoints" / "epoch_1.pt")
     assert all(k.startswith("module.") for k in ckpt["state_dict"])
     assert not any(HEADS_KEY in k for k in ckpt["state_dict"])
-    assert set(ckpt[HEADS_KEY]) == {"image.proj", "text.proj"}
+    assert set(load(tmp_path / "ddp" / "checkpoints" / "structure_heads_epoch_1.pth")) == {"image.proj", "text.proj"}

@@ -1,0 +1,69 @@
+"""Parallel hook: open_clip's data-parallel wrapping, gradient scaler and optimizer.
+
+* ``DistributedDataParallel(model, device_ids=[device])``: with the plugin's ``--fsdp`` the
+  training model is sharded with FSDP2 instead (:func:`openclip_structure.fsdp.wrap`); otherwise
+  torch's DDP, with ``device_ids`` dropped for CPU modules (open_clip 3.x passes
+  ``device_ids=[cpu]``, which torch rejects), so CPU clusters and the gloo tests work.
+* ``GradScaler``: under our FSDP2, a scaler that handles sharded (DTensor) gradients.
+* optimizers: under our FSDP2, an optimizer over the sharded model's parameters gets full-state
+  (de)serialisation (:func:`openclip_structure.fsdp.bind_optimizer`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import fsdp
+from . import state
+
+
+def _cpu_only(device_ids) -> bool:
+    return device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids)
+
+
+def wrap_distributed_data_parallel(ddp_cls):
+    @functools.wraps(ddp_cls, updated=())
+    def make(module, device_ids=None, *args, **kwargs):
+        run = state.current()
+        if run is not None and run.uses_fsdp() and (run.model is None or module is run.model):
+            run.container = fsdp.wrap(module, run.args)
+            return run.container
+        if _cpu_only(device_ids):
+            device_ids = None
+        return ddp_cls(module, device_ids, *args, **kwargs)
+
+    return make
+
+
+def wrap_grad_scaler(scaler_cls):
+    @functools.wraps(scaler_cls, updated=())
+    def make(*args, **kwargs):
+        run = state.current()
+        return (fsdp.GradScaler if run is not None and run.uses_fsdp() else scaler_cls)(*args, **kwargs)
+
+    return make
+
+
+def bind_optimizer(optimizer):
+    """Under our FSDP2: bind an optimizer of the sharded model's parameters (idempotent)."""
+    run = state.current()
+    if run is not None and run.container is not None and isinstance(optimizer, torch.optim.Optimizer):
+        if fsdp._owner_of(optimizer) is run.container:
+            fsdp.bind_optimizer(run.container, optimizer)
+    return optimizer
+
+
+def wrap_optimizer(factory):
+    @functools.wraps(factory, updated=())
+    def make(*args, **kwargs):
+        return bind_optimizer(factory(*args, **kwargs))
+
+    return make
+
+
+def bound_optimizer(run: state.Run):
+    """The optimizer bound to the run's FSDP2 container, or None."""
+    if run is None or run.container is None:
+        return None
+    return next(iter(fsdp._state(run.container).optimizers), None)

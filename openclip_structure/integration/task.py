@@ -1,0 +1,128 @@
+"""open_clip main (4.x dev): the hooks on its task API.
+
+open_clip main trains a *task* (``open_clip.create_task`` -> ``CLIPTask(model, loss=...)``, which
+sums the ``*_loss`` keys the loss returns) and shards with its own ``--fsdp`` (FSDP2). Here the
+plugin
+
+* hands the task our loss (:func:`openclip_structure.factory.create_loss` on top of the loss the
+  task built: every key ends in ``_loss`` and every rank returns the same keys at every step);
+* lets open_clip's own ``--fsdp`` (and ``prepare_distributed``) wrap the model: the plugin's FSDP
+  flags are not added there; on CPU, ``prepare_distributed`` of that task object drops
+  ``device_ids=[cpu]`` as on 3.x;
+* prepares the model, data, progress and validation metrics with the same hooks as on 3.x, and
+  keeps the separation heads beside each checkpoint (read back after ``load_checkpoint``).
+
+Names replaced inside open_clip_train's modules (checked at startup like the 3.x table):
+:data:`TABLE`. Supported scope: CLIP models (CLIPTask and its SigLIP/CoCa siblings for the loss-
+only terms); ``--val-structure-metrics all`` is refused there (the label pass uses 3.x's model
+handling). Under open_clip's ``--fsdp`` every term, the views and the heads train and follow the
+DDP run exactly (tested); the two-view forward calls the model class's ``encode_*``, not the FSDP
+forward methods open_clip registers on the instance (those would reshard the root mid-forward).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from typing import Iterator
+
+from .. import factory, flags, fsdp
+from ..heads import HEADS_KEY
+from ..schedule import PROGRESS
+from . import checkpoints, progress, shim, state
+from .parallel import _cpu_only
+
+#: open_clip main snapshots the task table was checked against
+VERSIONS_CHECKED = ("4.2.0.dev0 (git main snapshot)",)
+
+
+def wrap_create_task(create_task):
+    @functools.wraps(create_task)
+    def create(args, *a, **kw):
+        task = create_task(args, *a, **kw)
+        run = state.current()
+        if run is None:
+            return task
+        run.upstream_fsdp = True
+        if getattr(args, "val_structure_metrics", "gap") == "all":
+            raise flags.FlagError("--val-structure-metrics all is not supported on open_clip main's task API "
+                                  "(use 'gap', or python -m openclip_structure.evaluate on a checkpoint)")
+        base = getattr(task, "loss", None)
+        if base is not None:
+            task.loss = factory.create_loss(args, base_factory=lambda _args: base, progress=PROGRESS)
+        prepare = task.prepare_distributed
+
+        def prepare_distributed(device_ids=None, **ddp_kwargs):  # this task object only
+            return prepare(device_ids=None if _cpu_only(device_ids) else device_ids, **ddp_kwargs)
+
+        task.prepare_distributed = prepare_distributed
+        return task
+
+    return create
+
+
+def wrap_train_one_epoch(train_one_epoch):
+    @functools.wraps(train_one_epoch)
+    def train_and_record(train_state, data, args, *a, **kw):
+        out = train_one_epoch(train_state, data, args, *a, **kw)
+        run = state.current()
+        if run is not None:
+            progress.check_tracked(args)
+            if run.heads is not None:  # all ranks (the gather of sharded heads is collective)
+                checkpoints.save_heads(run, train_state.epoch + 1, checkpoints.full_heads_state(run.heads))
+        return out
+
+    return train_and_record
+
+
+def wrap_load_checkpoint(load_checkpoint):
+    @functools.wraps(load_checkpoint)
+    def load(task, path, *a, **kw):
+        run = state.current()
+        if run is None:
+            return load_checkpoint(task, path, *a, **kw)
+        path, epoch = checkpoints.load_resume_checkpoint(run, lambda p: load_checkpoint(task, p, *a, **kw), path)
+        heads = run.heads
+        saved = checkpoints.read_heads_beside(path, epoch)
+        if heads is not None and saved is not None:
+            fsdp._load_full_params(dict(heads.named_parameters()), saved)
+            logging.info(f"openclip-structure: restored the separation heads ({HEADS_KEY}) from "
+                         f"{os.path.basename(checkpoints.heads_path(os.path.dirname(str(path)), epoch))}")
+        elif heads is not None:
+            logging.warning(f"openclip-structure: no heads file beside {path} for epoch {epoch}: the deep-feature-"
+                            "separation heads start from a fresh initialisation")
+        return epoch
+
+    return load
+
+
+_MAIN, _PARAMS, _TRAIN = "open_clip_train.main", "open_clip_train.params", "open_clip_train.train"
+R = shim.Replacement
+
+TABLE = (
+    shim.TABLE[0],  # open_clip_train.params.argparse: the flags
+    R(_MAIN, "create_task", "main", "loss: the task's loss plus the enabled terms; CPU DDP", hook=wrap_create_task),
+    R(_MAIN, "create_model_and_transforms", "main", "model: --fixed-temperature, separation heads, two-view "
+      "forward and train preprocess", hook="create_model_and_transforms"),
+    R(_MAIN, "get_data", "main", "data: two captions per train sample (--text-aug)", hook="get_data"),
+    R(_MAIN, "cosine_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
+    R(_MAIN, "const_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
+    R(_MAIN, "const_lr_cooldown", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
+    R(_MAIN, "train_one_epoch", "main", "checkpoints: separation heads beside each checkpoint",
+      hook=wrap_train_one_epoch),
+    R(_MAIN, "load_checkpoint", "main", "checkpoints: heads on --resume, skip a half-written latest checkpoint",
+      hook=wrap_load_checkpoint),
+    R(_TRAIN, "get_clip_metrics", "evaluate", "validation: gap metrics from open_clip's validation embeddings",
+      hook="get_clip_metrics"),
+)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator:
+    """A run is current and :data:`TABLE`'s names are in place in open_clip main's open_clip_train."""
+    modules = shim.training_modules(table=TABLE)
+    shim.check(modules, table=TABLE, checked=VERSIONS_CHECKED)
+    with state.running() as run, shim.replaced(TABLE, modules):
+        run.upstream_fsdp = True
+        yield modules[_MAIN]
