@@ -40,7 +40,7 @@ def write_benchmark_shards(pattern, out_dir, task: str = "classification", class
     ``ValueError`` for an unknown task, shards without samples, or (classification) a sample
     without a ``.cls`` label.
     """
-    from .evaluate import DataError, iter_shard_samples
+    from .shard_reader import DataError, iter_shard_samples
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")

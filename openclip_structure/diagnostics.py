@@ -138,7 +138,7 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
     ``heads`` (from the same pooled outputs as the shared projection)."""
     import torch
 
-    from .evaluate import _decode_image, iter_shard_samples
+    from .shard_reader import _decode_image, iter_shard_samples
     from .views import augmented_view_transform, pooled_image, pooled_text
 
     size = getattr(model.visual, "image_size", None)

@@ -46,6 +46,7 @@ import torch
 
 from . import metrics as M
 from . import zeroshot
+from .shard_reader import IMAGE_EXTS, DataError, _decode_image, _expand, iter_shard_samples  # noqa: F401
 from .export import CheckpointError, key_mismatch, format_key_mismatch, quiet_open_clip_logging, \
     read_checkpoint_state_dict
 
@@ -67,13 +68,8 @@ __all__ = [
 
 LOCAL_DIR = "local-dir:"
 DEFAULT_ALPHAS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 # webdataset's key convention: everything up to the first dot of the basename
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
-
-class DataError(ValueError):
-    """Shards that cannot be evaluated (missing files, no complete samples)."""
 
 
 # ----------------------------------------------------------------------------- model loading
@@ -162,78 +158,6 @@ def load_model(model_name: Optional[str], pretrained: Optional[str], device=None
 
 
 # ----------------------------------------------------------------------------- shards and encoding
-
-
-def _expand(pattern) -> List[str]:
-    from braceexpand import braceexpand
-
-    if isinstance(pattern, (list, tuple)):
-        return [str(p) for p in pattern]
-    return [u for part in str(pattern).split("::") for u in braceexpand(part)]
-
-
-def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[str, bytes, str, Optional[int]]]:
-    """Stream ``(key, image bytes, caption, label or None)`` from webdataset tar shards.
-
-    ``pattern`` is a brace pattern (``::`` separates several) or a list of paths. Members are
-    grouped as webdataset does (consecutive members sharing the key = name up to the first dot
-    of the basename). Samples without an image or a ``txt`` caption are skipped and counted in
-    ``stats["skipped"]``.
-    """
-    stats = {} if stats is None else stats
-    stats.setdefault("skipped", 0)
-    urls = _expand(pattern)
-    if not urls:
-        raise DataError(f"the pattern {pattern!r} names no shard")
-    missing = [u for u in urls if not os.path.isfile(u)]
-    if missing:
-        raise DataError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]}")
-    stats["shards"] = len(urls)
-
-    def complete(key, fields):
-        image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
-        if image is None or "txt" not in fields:
-            stats["skipped"] += 1
-            return None
-        label = None
-        if "cls" in fields:
-            try:
-                label = int(fields["cls"].decode("utf-8").strip())
-            except ValueError as e:
-                raise DataError(f"sample {key}: .cls is not an integer: {fields['cls'][:20]!r}") from e
-        return key, image, fields["txt"].decode("utf-8").strip(), label
-
-    for url in urls:
-        with tarfile.open(url) as tar:
-            key, fields = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                m = _KEY_RE.match(member.name)
-                if not m:
-                    continue
-                k, ext = m.group(1), m.group(2).lower()
-                if k != key:
-                    if key is not None:
-                        s = complete(key, fields)
-                        if s:
-                            yield s
-                    key, fields = k, {}
-                fields[ext] = tar.extractfile(member).read()
-            if key is not None:
-                s = complete(key, fields)
-                if s:
-                    yield s
-
-
-def _decode_image(key: str, data: bytes):
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise DataError(f"sample {key}: cannot decode the image: {e}") from e
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import List, Tuple
 
-from .registry import (TERMS, Option, TermSpec, enabled, number, regularizers_enabled, separation_enabled,
+from .errors import FlagError
+from .registry import (TERMS, TEXT_AUGS, VIEW_AUGS, Option, TermSpec, enabled, number, regularizers_enabled, separation_enabled,
                        text_views_enabled, view_flags, views_enabled, weight)
 
 __all__ = ["FlagError", "add_arguments", "validate", "flag_table", "plugin_destinations", "regularizers_enabled",
@@ -18,8 +19,6 @@ __all__ = ["FlagError", "add_arguments", "validate", "flag_table", "plugin_desti
 GROUP_TITLE = "openclip-structure (modality gap and latent modality structure)"
 
 
-class FlagError(ValueError):
-    """A plugin flag value, or a combination of flags, that cannot work."""
 
 
 
@@ -37,8 +36,6 @@ def _prompt_file(kind: str):
     return parse
 
 
-VIEW_AUGS = ("crop", "autoaugment")
-TEXT_AUGS = ("none", "captions", "eda")
 
 #: flags that are not a term's own (the terms' flags come from the registry)
 GENERAL_OPTIONS: Tuple[Option, ...] = (

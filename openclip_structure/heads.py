@@ -23,7 +23,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .flags import FlagError
+from .errors import FlagError
 from .losses import IndependentHead
 
 #: attribute of the model and top-level key of the checkpoint that hold the heads

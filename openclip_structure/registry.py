@@ -59,6 +59,11 @@ def bridge_t(text: str):
     return value
 
 
+#: second image view (``--view-aug``) and text view (``--text-aug``) of the view-based terms
+VIEW_AUGS = ("crop", "autoaugment")
+TEXT_AUGS = ("none", "captions", "eda")
+
+
 @dataclass(frozen=True)
 class Option:
     """A flag: ``kwargs`` go to ``argparse.add_argument``; ``short`` is its README table line."""

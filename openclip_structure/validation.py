@@ -53,7 +53,7 @@ def gap_val_metrics(image_features: torch.Tensor, text_features: torch.Tensor) -
 def first_sample_problem(pattern) -> str:
     """'' if the first validation sample of ``pattern`` has an image, a caption and a .cls
     label; else what is wrong (checked before training, so a run does not fail hours later)."""
-    from .evaluate import iter_shard_samples
+    from .shard_reader import iter_shard_samples
 
     try:
         for _key, _image, _caption, label in iter_shard_samples(pattern):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from . import flags
+from . import registry
 from .heads import HEADS_KEY, UnsupportedModelError, attach_heads
 
 ORIG_FORWARD = "_structure_original_forward"
@@ -84,7 +84,7 @@ def augmented_view_transform(base, kind: str = "crop", image_size=None):
         geo = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size),
                T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)]
     else:
-        raise ValueError(f"openclip-structure views: unknown view augmentation {kind!r} (choose from {flags.VIEW_AUGS})")
+        raise ValueError(f"openclip-structure views: unknown view augmentation {kind!r} (choose from {registry.VIEW_AUGS})")
     return T.Compose([_ToRGB()] + geo + [T.ToTensor(), T.Normalize(normalize.mean, normalize.std)])
 
 
@@ -189,7 +189,7 @@ def wrap_get_data(get_data: Callable, get_args: Callable) -> Callable:
 
     def get_data_with_text_views(args, preprocess_fns, epoch=0, tokenizer=None, **kwargs):
         ours = get_args()
-        if ours is None or args is not ours or not flags.text_views_enabled(args) or tokenizer is None:
+        if ours is None or args is not ours or not registry.text_views_enabled(args) or tokenizer is None:
             return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs)
         eval_keys = ("val_data", "imagenet_val", "imagenet_v2")
         saved = {k: getattr(args, k, None) for k in eval_keys + ("train_data", "dataset_type")}
@@ -339,9 +339,9 @@ def prepare_model(args, model_name: str, model: nn.Module, preprocess_train):
     """What the launcher does to the freshly created training model: attach separation heads,
     install the two-view forward, wrap the train preprocess. Returns ``(preprocess_train, heads)``."""
     heads = None
-    if flags.separation_enabled(args):
+    if registry.separation_enabled(args):
         heads = attach_heads(model, model_name)
-    if flags.views_enabled(args):
+    if registry.views_enabled(args):
         install_forward(model)
         image_size = getattr(getattr(model, "visual", None), "image_size", None)
         aug = augmented_view_transform(preprocess_train, args.view_aug, image_size=image_size)

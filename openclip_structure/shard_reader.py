@@ -1,0 +1,91 @@
+"""Reading webdataset shards for evaluation: ``(key, image bytes, caption, label)`` per sample.
+
+Shared by the evaluator, the validation hook, the per-term diagnostics and the CLIP_benchmark
+exporter (a module of its own, so that none of them imports another just to read shards).
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from typing import Iterator, List, Optional, Tuple
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+class DataError(ValueError):
+    """Shards that cannot be evaluated (missing files, no complete samples)."""
+
+
+def _expand(pattern) -> List[str]:
+    from braceexpand import braceexpand
+
+    if isinstance(pattern, (list, tuple)):
+        return [str(p) for p in pattern]
+    return [u for part in str(pattern).split("::") for u in braceexpand(part)]
+
+
+def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[str, bytes, str, Optional[int]]]:
+    """Stream ``(key, image bytes, caption, label or None)`` from webdataset tar shards.
+
+    ``pattern`` is a brace pattern (``::`` separates several) or a list of paths. Members are
+    grouped as webdataset does (consecutive members sharing the key = name up to the first dot
+    of the basename). Samples without an image or a ``txt`` caption are skipped and counted in
+    ``stats["skipped"]``.
+    """
+    stats = {} if stats is None else stats
+    stats.setdefault("skipped", 0)
+    urls = _expand(pattern)
+    if not urls:
+        raise DataError(f"the pattern {pattern!r} names no shard")
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]}")
+    stats["shards"] = len(urls)
+
+    def complete(key, fields):
+        image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+        if image is None or "txt" not in fields:
+            stats["skipped"] += 1
+            return None
+        label = None
+        if "cls" in fields:
+            try:
+                label = int(fields["cls"].decode("utf-8").strip())
+            except ValueError as e:
+                raise DataError(f"sample {key}: .cls is not an integer: {fields['cls'][:20]!r}") from e
+        return key, image, fields["txt"].decode("utf-8").strip(), label
+
+    for url in urls:
+        with tarfile.open(url) as tar:
+            key, fields = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                m = _KEY_RE.match(member.name)
+                if not m:
+                    continue
+                k, ext = m.group(1), m.group(2).lower()
+                if k != key:
+                    if key is not None:
+                        s = complete(key, fields)
+                        if s:
+                            yield s
+                    key, fields = k, {}
+                fields[ext] = tar.extractfile(member).read()
+            if key is not None:
+                s = complete(key, fields)
+                if s:
+                    yield s
+
+
+def _decode_image(key: str, data: bytes):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise DataError(f"sample {key}: cannot decode the image: {e}") from e
