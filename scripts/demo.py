@@ -43,9 +43,9 @@ COLUMNS = [
 ]
 # per-term structural diagnostics (openclip_structure.diagnostics): a second table
 DIAG_COLUMNS = [
-    ("gc_cross_asym", "gc |vt-tv|"), ("gc_inmodal_diff", "gc |vv-tt|"), ("bridge_distance", "bridge dist"),
+    ("gc_cross_asym", "gc vt-tv asym"), ("gc_inmodal_diff", "gc vv-tt diff"), ("bridge_distance", "bridge dist"),
     ("aug_view_distance", "aug-view dist"), ("sep_image_shared_ind_cos2", "sep img cos²"),
-    ("sep_image_shared_ind_abs_corr", "sep img |corr|"), ("sep_image_ind_probe_accuracy", "sep img ind probe"),
+    ("sep_image_shared_ind_abs_corr", "sep img abs corr"), ("sep_image_ind_probe_accuracy", "sep img ind probe"),
     ("sep_text_ind_probe_accuracy", "sep txt ind probe"),
 ]
 SIZES = {
