@@ -108,19 +108,20 @@ def structure_diagnostics(img, txt, labels=None, img_aug=None, img_ind=None, txt
 
 
 def load_heads(model, checkpoint) -> Optional[object]:
-    """The separation heads saved in a training checkpoint (``checkpoint["structure_heads"]``),
-    attached to ``model`` and loaded strictly; None when the checkpoint has none (or is not a
-    training-checkpoint file, e.g. an exported ``local-dir:`` model)."""
+    """The separation heads of a training checkpoint (their file beside it, or
+    ``checkpoint["structure_heads"]`` in earlier versions), attached to ``model`` and loaded
+    strictly; None when the checkpoint has none (or is not a training-checkpoint file, e.g. an
+    exported ``local-dir:`` model)."""
     import os
 
     import torch
 
-    from .heads import HEADS_KEY, attach_heads
+    from .heads import attach_heads, saved_heads
 
     if not checkpoint or not os.path.isfile(str(checkpoint)):
         return None
     saved = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    saved = saved.get(HEADS_KEY) if isinstance(saved, dict) else None
+    saved = saved_heads(saved, str(checkpoint))
     if not saved:
         return None
     heads = attach_heads(model)

@@ -18,6 +18,7 @@ as extra trainable parameters of an open_clip model, and their checkpointing.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Dict, Optional
 
 import torch
@@ -28,6 +29,32 @@ from .losses import IndependentHead
 
 #: attribute of the model and top-level key of the checkpoint that hold the heads
 HEADS_KEY = "structure_heads"
+#: the heads of epoch N are saved beside open_clip's checkpoints, in the same folder, under this name
+HEADS_FILE = "structure_heads_epoch_{epoch}.pth"
+
+
+def heads_path(checkpoint_dir: str, epoch: int) -> str:
+    return os.path.join(checkpoint_dir, HEADS_FILE.format(epoch=int(epoch)))
+
+
+def read_heads_beside(path, epoch) -> Optional[Dict[str, torch.Tensor]]:
+    """The heads file of ``epoch`` beside the checkpoint ``path``, or None."""
+    beside = heads_path(os.path.dirname(str(path)), epoch)
+    if not os.path.isfile(beside):
+        return None
+    return torch.load(beside, map_location="cpu", weights_only=True)
+
+
+def saved_heads(checkpoint: dict, path) -> Optional[Dict[str, torch.Tensor]]:
+    """The heads that belong to a training checkpoint: ``checkpoint["structure_heads"]`` (earlier
+    versions of the plugin) or the file of its epoch beside it; None when there are none."""
+    if not isinstance(checkpoint, dict):
+        return None
+    if checkpoint.get(HEADS_KEY):
+        return checkpoint[HEADS_KEY]
+    if "epoch" in checkpoint and isinstance(path, (str, os.PathLike)):
+        return read_heads_beside(path, checkpoint["epoch"])
+    return None
 
 
 class UnsupportedModelError(FlagError):

@@ -9,6 +9,7 @@ import torch
 from openclip_structure import diagnostics as D
 from openclip_structure import evaluate
 from openclip_structure import metrics as M
+from openclip_structure.heads import heads_path
 from openclip_structure.shards import digits_samples, write_shards
 
 MODEL = "structure-tiny"
@@ -124,9 +125,17 @@ def test_evaluator_diagnostics_with_heads(ckpt_with_heads, tmp_path, capsys):
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert np.abs(a - c).max() > 1e-3
     assert m["bridge_distance"] == pytest.approx(D.bridge_distances(img, txt, a)["bridge_distance"], rel=1e-5)
-    # a checkpoint without heads: no sep_* keys, the rest still there
+    # the launcher's layout: the heads in their own file beside the checkpoint (same numbers)
     saved = torch.load(ckpt_with_heads, weights_only=True)
-    saved.pop("structure_heads")
+    heads_sd = saved.pop("structure_heads")
+    (tmp_path / "run").mkdir()
+    torch.save(saved, tmp_path / "run" / "epoch_1.pt")
+    torch.save(heads_sd, heads_path(str(tmp_path / "run"), 1))
+    beside = evaluate.evaluate_checkpoint(MODEL, str(tmp_path / "run" / "epoch_1.pt"), shards, device="cpu",
+                                          diagnostics=True)
+    assert beside["separation_heads"] is True
+    assert beside["metrics"]["sep_image_shared_ind_cos2"] == pytest.approx(m["sep_image_shared_ind_cos2"])
+    # a checkpoint without heads: no sep_* keys, the rest still there
     torch.save(saved, tmp_path / "plain.pt")
     res = evaluate.evaluate_checkpoint(MODEL, str(tmp_path / "plain.pt"), shards, device="cpu", diagnostics=True)
     assert res["separation_heads"] is False and "bridge_distance" in res["metrics"]

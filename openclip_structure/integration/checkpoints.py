@@ -31,16 +31,11 @@ from typing import Optional
 import torch
 
 from .. import fsdp
-from ..heads import HEADS_KEY, CheckpointHooks, heads_state
+from ..heads import HEADS_FILE, HEADS_KEY, CheckpointHooks, heads_path, heads_state, read_heads_beside  # noqa: F401
 from . import progress, state
 from .parallel import bound_optimizer
 
-HEADS_FILE = "structure_heads_epoch_{epoch}.pth"
 _HEADS_RE = re.compile(r"structure_heads_epoch_(\d+)\.pth$")
-
-
-def heads_path(checkpoint_dir: str, epoch: int) -> str:
-    return os.path.join(checkpoint_dir, HEADS_FILE.format(epoch=int(epoch)))
 
 
 def write_atomically(obj, path: str) -> None:
@@ -156,14 +151,6 @@ def load_resume_checkpoint(run: Optional[state.Run], pt_load, path, *args, **kwa
                             f"from {older} instead")
             return older, checkpoint
         raise
-
-
-def read_heads_beside(path, epoch) -> Optional[dict]:
-    """The heads file of ``epoch`` beside the checkpoint ``path``, or None."""
-    beside = heads_path(os.path.dirname(str(path)), epoch)
-    if not os.path.isfile(beside):
-        return None
-    return torch.load(beside, map_location="cpu", weights_only=True)
 
 
 def restore_heads(run: state.Run, checkpoint, path) -> None:
