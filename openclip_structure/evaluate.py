@@ -29,14 +29,12 @@ The reusable pieces are :func:`load_model`, :func:`encode_shards`, :func:`evalua
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import re
 import shlex
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import tarfile
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 class DataError(ValueError):
@@ -25,6 +22,15 @@ def _expand(pattern) -> List[str]:
     if isinstance(pattern, (list, tuple)):
         return [str(p) for p in pattern]
     return [u for part in str(pattern).split("::") for u in braceexpand(part)]
+
+
+def tar_samples(urls) -> Iterator[Dict[str, bytes]]:
+    """webdataset's own tar reader over ``urls`` in order: one dict per sample, ``__key__`` (the
+    member name up to the first dot of its basename) and one bytes value per lower-case extension.
+    No shuffling and no splitting by node or worker: every caller sees every sample."""
+    import webdataset as wds
+
+    return wds.tarfile_to_samples()(wds.SimpleShardList(list(urls)))
 
 
 def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[str, bytes, str, Optional[int]]]:
@@ -58,27 +64,11 @@ def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[
                 raise DataError(f"sample {key}: .cls is not an integer: {fields['cls'][:20]!r}") from e
         return key, image, fields["txt"].decode("utf-8").strip(), label
 
-    for url in urls:
-        with tarfile.open(url) as tar:
-            key, fields = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                m = _KEY_RE.match(member.name)
-                if not m:
-                    continue
-                k, ext = m.group(1), m.group(2).lower()
-                if k != key:
-                    if key is not None:
-                        s = complete(key, fields)
-                        if s:
-                            yield s
-                    key, fields = k, {}
-                fields[ext] = tar.extractfile(member).read()
-            if key is not None:
-                s = complete(key, fields)
-                if s:
-                    yield s
+    for sample in tar_samples(urls):
+        fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+        s = complete(sample["__key__"], fields)
+        if s:
+            yield s
 
 
 def _decode_image(key: str, data: bytes):

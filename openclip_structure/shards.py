@@ -331,22 +331,15 @@ def _expand(pattern_or_paths) -> list[str]:
 
 
 def read_shards(pattern_or_paths) -> list[Sample]:
-    """Read shards back (plain ``tarfile``) from a brace pattern or a list of tar paths.
+    """Read shards back (webdataset's tar reader) from a brace pattern or a list of tar paths, in
+    order; a sample without an image gets ``image=None``, one without a caption ``caption=""``."""
+    from .shard_reader import tar_samples
 
-    Members are grouped by key (the name up to the first dot), as webdataset does.
-    """
     samples = []
-    for url in _expand(pattern_or_paths):
-        fields = {}
-        with tarfile.open(url) as tar:
-            for m in tar.getmembers():
-                if m.isfile():
-                    key, _, ext = m.name.partition(".")
-                    fields.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
-        for key, f in fields.items():
-            image = next((f[e[1:]] for e in IMAGE_EXTS if e[1:] in f), None)
-            label = int(f["cls"]) if "cls" in f else None
-            samples.append(Sample(key, image, f.get("txt", b"").decode("utf-8"), label))
+    for f in tar_samples(_expand(pattern_or_paths)):
+        image = next((f[e[1:]] for e in IMAGE_EXTS if e[1:] in f), None)
+        label = int(f["cls"]) if "cls" in f else None
+        samples.append(Sample(f["__key__"], image, f.get("txt", b"").decode("utf-8"), label))
     return samples
 
 
