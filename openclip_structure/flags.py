@@ -49,7 +49,7 @@ GENERAL_OPTIONS: Tuple[Option, ...] = (
         type=number(lo=0.01, hi=1.0, what="temperature"), default=None,
         help="Freeze the contrastive temperature at this value (logit scale 1/T) instead of learning it; "
              "Grassucci et al. train with 0.1. Default: learned, as open_clip."),
-        "freeze the contrastive temperature (paper: 0.1); logit scale = 1/T"),
+        "freeze the contrastive temperature (paper: 0.1); logit scale = 1/T", "learned"),
     Option("--view-aug", dict(
         choices=list(VIEW_AUGS), default="crop",
         help="Second image view, used by the terms that need views: 'crop' = RandomResizedCrop(scale=(0.5, 1)) "
@@ -79,13 +79,14 @@ GENERAL_OPTIONS: Tuple[Option, ...] = (
         help="With --val-structure-metrics all: class names of the zero-shot classification (val/zeroshot_top1), "
              "one per line, line i = .cls id i. Default: classnames.txt beside the validation shards, else the "
              ".cls ids."),
-        "zero-shot class names, one per line (default: `classnames.txt` beside the validation shards)"),
+        "zero-shot class names, one per line", "`classnames.txt` beside the validation shards, else the `.cls` ids"),
     Option("--val-zeroshot-templates", dict(
         type=_prompt_file("templates"), default=None, metavar="FILE",
         help="With --val-structure-metrics all: zero-shot prompt templates, one per line with a {c} placeholder. "
              "Default: zeroshot_classification_templates.txt beside the validation shards, else open_clip's "
              "SIMPLE_IMAGENET_TEMPLATES."),
-        "zero-shot prompt templates with `{c}` (default: CLIP_benchmark's file beside the shards, else open_clip's)"),
+        "zero-shot prompt templates with `{c}`",
+        "CLIP_benchmark's `zeroshot_classification_templates.txt` beside the shards, else open_clip's"),
     Option("--structure-nonfinite", dict(
         choices=["raise", "skip", "warn", "off"], default="raise",
         help="What to do when a loss term is NaN/inf: 'raise' stops with the term's name and the step; 'skip' "
@@ -148,8 +149,10 @@ def parser_has_own_fsdp(parser: argparse.ArgumentParser) -> bool:
 def _default(option: Option) -> str:
     if option.kwargs.get("action") == "store_true":
         return "off"
+    if option.shown_default:
+        return option.shown_default
     value = option.kwargs.get("default")
-    return "learned" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def flag_table() -> str:
@@ -166,7 +169,7 @@ def flag_table() -> str:
             choices = option.kwargs.get("choices")
             takes_value = option.kwargs.get("action") != "store_true"
             shown = (f"{option.flag} {{{','.join(map(str, choices))}}}" if choices
-                     else f"{option.flag} V" if takes_value else option.flag)
+                     else f"{option.flag} {option.kwargs.get('metavar', 'V')}" if takes_value else option.flag)
             rows.append(f"| `{shown}` | {_default(option)} | {option.short} |")
     return "\n".join(rows)
 

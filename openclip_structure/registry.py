@@ -71,6 +71,8 @@ class Option:
     flag: str
     kwargs: Dict
     short: str
+    #: the README's "default" cell when the argparse default (None) says nothing
+    shown_default: str = ""
 
     @property
     def dest(self) -> str:
