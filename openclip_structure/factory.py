@@ -19,7 +19,7 @@ from torch import nn
 from .distributed import FeatureBatch, distributed_context, reduce_statistics, scale_grad
 from . import registry
 from .losses import RegularizerTerm
-from .registry import regularizers_enabled, text_views_enabled
+from .registry import regularizers_enabled
 from .scaling import base_gradient_scale
 from .schedule import GAP_RAMP_KNOTS, PROGRESS, PiecewiseLinear, TrainingProgress, constant
 
@@ -80,17 +80,15 @@ def build_terms(args) -> List[Tuple[RegularizerTerm, PiecewiseLinear]]:
     terms: List[Tuple[RegularizerTerm, PiecewiseLinear]] = []
     for spec in registry.enabled(args):
         w = spec.weight(args)
+        ramp = spec.gap_schedule and getattr(args, "gap_schedule", "constant") == "ramp"
         for term in spec.build(args):
-            ramp = spec.gap_schedule and getattr(args, "gap_schedule", "constant") == "ramp"
             terms.append((term, PiecewiseLinear(w, GAP_RAMP_KNOTS[term.name]) if ramp else constant(w)))
     return terms
 
 
-def skipped_halves(args) -> List[str]:
-    """Startup notes on the text halves :func:`build_terms` leaves out (no second caption)."""
-    if text_views_enabled(args):
-        return []
-    names = [t.name for t, _ in build_terms(args) if getattr(t, "text", None) is False]
+def skipped_halves(terms) -> List[str]:
+    """Startup notes on the text halves the built ``terms`` leave out (no second caption)."""
+    names = [t.name for t in terms if getattr(t, "text", None) is False]
     if not names:
         return []
     return [f"--text-aug none: the text halves of {' and '.join(names)} are skipped (a caption contrasted "
@@ -248,6 +246,6 @@ def create_loss(args, base_factory: Optional[Callable] = None, progress: Trainin
                      f"regularizer gradient scale {scale.factor:g} ({scale.reason})")
         if not scale.exact and len(loss.terms):
             logging.warning(f"openclip-structure: {scale.reason}.")
-        for note in skipped_halves(args):
+        for note in skipped_halves(loss.terms):
             logging.info(f"openclip-structure: {note}")
     return loss
