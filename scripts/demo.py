@@ -14,7 +14,9 @@ budget for every method. Outputs (in --out): shards, one run folder per method a
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -67,19 +69,34 @@ def available_methods():
     return {**METHODS, "all": combined}
 
 
-def make_data(out_dir):
-    from openclip_structure.shards import write_digits_dataset
+# the bundled tasks: name -> (writer module, function); "scenes" is the group task with nuisance
+# variation (openclip_structure/scenes.py)
+TASKS = {"digits": ("openclip_structure.shards", "write_digits_dataset"),
+         "scenes": ("openclip_structure.scenes", "write_scenes_dataset")}
+
+
+def make_data(out_dir, task="digits"):
+    import importlib
 
     info_path = os.path.join(out_dir, "dataset.json")
     if os.path.exists(info_path):
         info = json.load(open(info_path))
+        if info.get("task", "digits") != task:
+            raise SystemExit(f"[demo] {out_dir} holds the {info.get('task', 'digits')!r} task's data, not "
+                             f"{task!r}: use another --out (its runs would be reused)")
         if "prompts" in info:  # older demo folders lack the zero-shot class names and templates
             return info
-    print(f"[demo] writing digits shards to {out_dir}", flush=True)
-    return write_digits_dataset(out_dir, image_size=32, seed=0, val_fraction=0.25, train_shards=8, val_shards=2)
+    print(f"[demo] writing {task} shards to {out_dir}", flush=True)
+    module, name = TASKS[task]
+    info = getattr(importlib.import_module(module), name)(out_dir, image_size=32, seed=0, val_fraction=0.25,
+                                                           train_shards=8, val_shards=2)
+    info["task"] = task
+    with open(info_path, "w") as f:
+        json.dump(info, f, indent=1)
+    return info
 
 
-def train(method, flags, seed, data, size, out_dir, device):
+def train(method, flags, seed, data, size, out_dir, device, threads=None):
     name = f"{method}-seed{seed}"
     ckpt = os.path.join(out_dir, name, "checkpoints", f"epoch_{size['epochs']}.pt")
     if os.path.exists(ckpt):
@@ -96,6 +113,8 @@ def train(method, flags, seed, data, size, out_dir, device):
             "--logs", out_dir, "--name", name, "--log-every-n-steps", "5", "--report-to", "tensorboard",
             "--precision", "amp" if device == "cuda" else "fp32"] + flags
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.time()
     print(f"[demo] training {name} ({size['epochs']} epochs) {' '.join(flags)}", flush=True)
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -112,6 +131,47 @@ def evaluate(ckpt, data, device, model="structure-tiny"):
     res = evaluate_checkpoint(model, ckpt, data["val"]["pattern"], device=device, seed=0,
                               diagnostics=True)
     return res["metrics"]
+
+
+def _run_one(method, flags, seed, data, size, out_dir, device, threads):
+    """Train one method/seed and evaluate its checkpoint (in a worker process of run_all)."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    ckpt = train(method, flags, seed, data, size, out_dir, device, threads)
+    return ckpt, evaluate(ckpt, data, device, size["model"])
+
+
+def default_jobs(device, threads):
+    """Parallel runs on CPU: one per `threads` cores (at most 8); 1 on a GPU."""
+    if device != "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, threads)))
+
+
+def run_all(runs, data, size, out_dir, device, jobs=1, threads=1):
+    """runs: [(method, flags, seed)] -> [(ckpt, metrics)] in the same order.
+
+    Every run trains and evaluates with `threads` intra-op threads whatever `jobs` is, so a run's
+    numbers do not depend on the machine's core count or on how many runs share it (CPU float
+    reductions depend on the thread count: the same seed can land elsewhere with 1 vs 2 threads).
+    """
+    total = len(runs)
+    if jobs <= 1:
+        out = []
+        for i, (method, flags, seed) in enumerate(runs, 1):
+            print(f"[demo] run {i}/{total}", flush=True)
+            out.append(_run_one(method, flags, seed, data, size, out_dir, device, threads))
+        return out
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_run_one, m, f, s, data, size, out_dir, device, threads) for m, f, s in runs]
+        done = 0
+        for fut in concurrent.futures.as_completed(futures):
+            fut.result()  # a failed run stops the demo here, with its log
+            done += 1
+            print(f"[demo] run {done}/{total} finished", flush=True)
+        return [fut.result() for fut in futures]
 
 
 def summarise(per_method):
@@ -171,7 +231,14 @@ def main(argv=None):
     p.add_argument("--method-seeds", type=int, default=None,
                    help="run the methods other than the baseline on the first N seeds only")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "demo"))
+    p.add_argument("--task", choices=sorted(TASKS), default="digits",
+                   help="digits: captions name the class; scenes: digits with nuisance colour/size/corner/"
+                        "background named in the captions (the group task with headroom)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/scenes for --task scenes)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads of each run (default 1: the numbers do not depend on the machine)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel (default: cores // threads, at most 8, on CPU; 1 on a GPU)")
     for key, typ in OVERRIDES:
         p.add_argument(f"--{key}", type=typ, default=None, help=f"override the budget's {key}")
     args = p.parse_args(argv)
@@ -180,12 +247,16 @@ def main(argv=None):
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available")
     size = dict(SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")])
-    for key, _ in OVERRIDES:
+    for key, typ in OVERRIDES:
         if getattr(args, key) is not None:
             if typ is not str and getattr(args, key) <= 0:
                 raise SystemExit(f"--{key} must be positive, got {getattr(args, key)}")
             size[key] = getattr(args, key)
-    out_dir = os.path.abspath(args.out + ("-quick" if args.quick else ""))
+    for key in ("threads", "jobs"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise SystemExit(f"--{key} must be at least 1, got {getattr(args, key)}")
+    out = args.out or os.path.join(ROOT, "runs", "demo" if args.task == "digits" else args.task)
+    out_dir = os.path.abspath(out + ("-quick" if args.quick else ""))
     os.makedirs(out_dir, exist_ok=True)
     seeds = args.seeds or list(range(size["seeds"]))
     n_other = args.method_seeds or (None if args.seeds else size.get("method_seeds"))
@@ -197,18 +268,17 @@ def main(argv=None):
         methods = {m: methods[m] for m in args.methods}
 
     start = time.time()
-    data = make_data(os.path.join(out_dir, "data"))
+    data = make_data(os.path.join(out_dir, "data"), args.task)
     results, first_ckpt = {}, {}
     # the baseline gets every seed; the other methods the first n_other (when set): the budget
     plan = {m: seeds if m == "baseline" or not n_other else seeds[:n_other] for m in methods}
-    total, done = sum(len(v) for v in plan.values()), 0
-    for method, flags in methods.items():
-        for seed in plan[method]:
-            done += 1
-            print(f"[demo] run {done}/{total}", flush=True)
-            ckpt = train(method, flags, seed, data, size, out_dir, args.device)
-            results.setdefault(method, []).append(evaluate(ckpt, data, args.device, size["model"]))
-            first_ckpt.setdefault(method, ckpt)
+    runs = [(m, methods[m], seed) for m in methods for seed in plan[m]]
+    jobs = args.jobs or default_jobs(args.device, args.threads)
+    print(f"[demo] {len(runs)} runs, {jobs} at a time, {args.threads} thread(s) each", flush=True)
+    for (method, _, _), (ckpt, metrics) in zip(runs, run_all(runs, data, size, out_dir, args.device,
+                                                             jobs, args.threads)):
+        results.setdefault(method, []).append(metrics)
+        first_ckpt.setdefault(method, ckpt)
     summary = summarise(results)
     text, note = table(summary, seeds)
     if any(len(v) != len(seeds) for v in plan.values()):
@@ -217,7 +287,7 @@ def main(argv=None):
     diag, _ = table(summary, seeds, DIAG_COLUMNS)
     pngs = plots(first_ckpt, data, out_dir, args.device, size["model"])
     cmd = "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = (f"Validation set: {data['val']['num_samples']} digit image/caption pairs, 10 classes; "
+    md = (f"Validation set: {data['val']['num_samples']} {args.task} image/caption pairs, 10 classes; "
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
           f"lr {size['lr']:g}, warmup {size['warmup']} steps, "
           f"model {size['model']}; {note}.\n\n{text}\n\nPer-term structural diagnostics "

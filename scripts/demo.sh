@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# each run sets its own thread count (demo.py --threads, default 1), so no OMP_NUM_THREADS here
 exec .venv/bin/python scripts/demo.py "$@"
