@@ -54,7 +54,7 @@ SIZES = {
     #           epochs, batch, train samples, seeds (method_seeds: seeds of the non-baseline methods)
     # docs/recipe.md: average-pooled image tower + batch 32 leaves the log(batch) plateau by epoch 3-4
     # for every seed swept (baseline zero-shot 0.867-0.936 over 5 seeds)
-    "default": dict(epochs=10, batch=32, samples=1344, seeds=5, method_seeds=3, lr=2e-3, warmup=40,
+    "default": dict(epochs=14, batch=32, samples=1344, seeds=5, method_seeds=3, lr=2e-3, warmup=40,
                     model="structure-tiny-avg"),
     "quick": dict(epochs=1, batch=64, samples=640, seeds=1, lr=2e-3, warmup=20, model="structure-tiny"),
     "cuda": dict(epochs=40, batch=128, samples=1280, seeds=3, lr=2e-3, warmup=20, model="structure-tiny"),
