@@ -47,8 +47,9 @@ unless it is called):
   :func:`is_sharded_checkpoint` recognises such a directory; :func:`sharded_resume_checkpoint`
   returns a checkpoint-like dict that open_clip's own resume code consumes as a no-op after the
   shards are loaded.
-* :class:`GradScaler`: ``--precision amp`` (fp16 autocast) needs a scaler whose inf check sees
-  sharded (DTensor) gradients and agrees on every rank.
+* ``--precision amp`` needs nothing from here: torch's own ``torch.amp.GradScaler`` handles the
+  sharded (DTensor) gradients; DTensor all-reduces the found-inf flag, so every rank skips the
+  same steps (tests/test_fsdp_grad_scaler.py).
 
 Works with gloo on CPU and NCCL on GPU: the device mesh takes the device type of the model's
 parameters, and all state-dict gathers offload to CPU.
@@ -57,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import os
 import sys
@@ -73,7 +73,7 @@ from torch import nn
 __all__ = [
     "FSDPModel", "wrap", "is_wrapped", "gather_full_state", "has_full_state", "bind_optimizer",
     "bind_submodule", "eval_model", "save_sharded", "load_sharded",
-    "is_sharded_checkpoint", "sharded_resume_checkpoint", "GradScaler", "mixed_precision_policy",
+    "is_sharded_checkpoint", "sharded_resume_checkpoint", "mixed_precision_policy",
     "shard_modules", "StaleStateError",
 ]
 
@@ -780,59 +780,3 @@ def sharded_resume_checkpoint(container: FSDPModel, directory: str,
     no-ops, for a ``pt_load`` wrapper to hand to open_clip's own resume code."""
     epoch = load_sharded(container, optimizer, directory)
     return {"epoch": epoch, "state_dict": _AlreadyLoaded(), "optimizer": _AlreadyLoaded()}
-
-
-# ---- mixed precision with a scaler ----------------------------------------------------------------
-
-def _unscale_local_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
-    """ShardedGradScaler._unscale_grads_ on the local shards of DTensor gradients."""
-    from collections import defaultdict
-
-    from torch.distributed.fsdp.sharded_grad_scaler import _GeneralMultiDeviceReplicator
-
-    per_device_inv_scale = _GeneralMultiDeviceReplicator(inv_scale)
-    per_device_found_inf = _GeneralMultiDeviceReplicator(found_inf)
-    grads = defaultdict(lambda: defaultdict(list))
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                g = _local(param.grad)
-                if (not allow_fp16) and g.dtype == torch.float16:
-                    raise ValueError("Attempting to unscale FP16 gradients.")
-                if g.is_sparse:
-                    g = g.coalesce()._values()
-                if g.numel():
-                    grads[g.device][g.dtype].append(g)
-        for device, per_dtype in grads.items():
-            for gs in per_dtype.values():
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    gs, per_device_found_inf.get(device), per_device_inv_scale.get(device))
-    if not per_device_found_inf._per_device_tensors:  # a rank without (non-empty) shards
-        per_device_found_inf.get(self._scale.device)
-    return per_device_found_inf._per_device_tensors
-
-
-@functools.lru_cache(maxsize=None)
-def _grad_scaler_class():
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    class GradScaler(ShardedGradScaler):
-        """``torch.amp.GradScaler`` for a sharded model: unscales the local shards of DTensor
-        gradients and all-reduces the inf/NaN flag so every rank skips (or takes) the same steps.
-        Drop-in for open_clip's ``torch.amp.GradScaler(device=device)``."""
-
-        def __init__(self, device="cuda", *args, **kwargs):
-            super().__init__(torch.device(device).type, *args, **kwargs)
-
-        _unscale_grads_ = _unscale_local_grads_
-
-    GradScaler.__module__ = __name__
-    return GradScaler
-
-
-def __getattr__(name):  # ``fsdp.GradScaler`` is created on first use (imports torch.distributed.fsdp)
-    if name == "GradScaler":
-        return _grad_scaler_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ logit-scale clamp), once with the plugin's CPU-capable DDP and once with ``fsdp.
 phase "train" (writes <dir>/train.json, <dir>/ckpt.pt, <dir>/sharded/, <dir>/ddp_state.pt):
   3 steps DDP and FSDP; gather_full_state + rank-0 torch.save exactly as open_clip saves; an
   eval replica on rank 0; save_sharded; 2 more steps of each (the references for resuming);
-  staleness; grad checkpointing; the FSDP GradScaler; separation heads + two views.
+  staleness; grad checkpointing; torch's GradScaler under FSDP; separation heads + two views.
 phase "resume" (writes <dir>/resume.json): fresh models (another seed) resumed from ckpt.pt
   (FSDP through container/optimizer load_state_dict, DDP through open_clip's plain calls) and
   from the sharded directory, 2 steps each.
@@ -256,13 +256,13 @@ def phase_train(job, rank, world):
     res["bf16_shard_dtypes"] = sorted({str(p.dtype) for p in m_b.parameters()})
     del m_b, o_b
 
-    # --precision amp path: FSDP GradScaler vs torch's GradScaler under DDP; then an inf on one rank
+    # --precision amp path: torch's GradScaler, FSDP vs DDP; then an inf on one rank
     m_s, o_s = ddp(build()), None
     o_s = make_optimizer(m_s)
     res["scaler_ddp"] = run_steps(m_s, o_s, loss_fn, data[:2], scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
     m_f = fsdp.wrap(build(), make_args(GAP, rank, world))
     o_f = make_optimizer(m_f)
-    scaler = fsdp.GradScaler(device=torch.device("cpu"), init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # what open_clip builds
     res["scaler_fsdp"] = run_steps(m_f, o_f, loss_fn, data[:2], scaler=scaler)
     before = full_params(m_f)
     scale_before = scaler.get_scale()

@@ -1,7 +1,7 @@
 """FSDP2 (openclip_structure.fsdp) against DDP in real 2-process runs (torchrun, gloo, CPU):
 the same loss trajectory, full checkpoints that plain open_clip loads and that DDP and FSDP runs
 resume from interchangeably, sharded (torch.distributed.checkpoint) checkpoints, evaluation on
-rank 0 only, grad checkpointing, the FSDP GradScaler, the separation heads and two views.
+rank 0 only, grad checkpointing, torch's GradScaler under FSDP, the separation heads and two views.
 
 The worker is tests/fsdp_worker.py; two torchrun launches (train, then resume in fresh processes).
 """

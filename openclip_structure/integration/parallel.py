@@ -1,10 +1,9 @@
-"""Parallel hook: open_clip's data-parallel wrapping, gradient scaler and optimizer.
+"""Parallel hook: open_clip's data-parallel wrapping and optimizer.
 
 * ``DistributedDataParallel(model, device_ids=[device])``: with the plugin's ``--fsdp`` the
   training model is sharded with FSDP2 instead (:func:`openclip_structure.fsdp.wrap`); otherwise
   torch's DDP, with ``device_ids`` dropped for CPU modules (open_clip 3.x passes
   ``device_ids=[cpu]``, which torch rejects), so CPU clusters and the gloo tests work.
-* ``GradScaler``: under our FSDP2, a scaler that handles sharded (DTensor) gradients.
 * optimizers: under our FSDP2, an optimizer over the sharded model's parameters gets full-state
   (de)serialisation (:func:`openclip_structure.fsdp.bind_optimizer`).
 """
@@ -32,15 +31,6 @@ def wrap_distributed_data_parallel(ddp_cls):
         if _cpu_only(device_ids):
             device_ids = None
         return ddp_cls(module, device_ids, *args, **kwargs)
-
-    return make
-
-
-def wrap_grad_scaler(scaler_cls):
-    @functools.wraps(scaler_cls, updated=())
-    def make(*args, **kwargs):
-        run = state.current()
-        return (fsdp.GradScaler if run is not None and run.uses_fsdp() else scaler_cls)(*args, **kwargs)
 
     return make
 
