@@ -332,28 +332,23 @@ def _meta_skeleton(model: nn.Module) -> nn.Module:
 
 
 def _sync_from_rank0(model: nn.Module) -> None:
-    """Broadcast parameters and buffers from rank 0 (as DDP does), so every rank shards the same model."""
-    tensors = [t.detach() for t in list(model.parameters()) + list(model.buffers())]
-    tensors = [t.view(torch.uint8) if t.dtype == torch.bool else t for t in tensors]  # gloo has no bool
-    if not tensors or _world() == 1:
+    """Every rank takes rank 0's parameters and persistent buffers (as DDP does), so every rank
+    shards the same model: torch's ``set_model_state_dict(..., broadcast_from_rank0=True)`` with
+    rank 0's full state. Parameters are taken from ``named_parameters()`` (the separation heads
+    are hidden from ``state_dict()`` by a hook, but must be synced too). Non-persistent buffers
+    (e.g. open_clip's attention mask) are not sent: they are built from the model config."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if _world() == 1:
         return
-    with torch.no_grad():
-        bucket: List[torch.Tensor] = []
-        size = 0
-        for t in tensors + [None]:
-            if t is not None and (not bucket or (t.dtype == bucket[0].dtype and t.device == bucket[0].device
-                                                 and size + t.numel() <= (64 << 20))):
-                bucket.append(t)
-                size += t.numel()
-                continue
-            if bucket:
-                flat = torch.cat([b.reshape(-1) for b in bucket])
-                dist.broadcast(flat, src=0)
-                offset = 0
-                for b in bucket:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
-            bucket, size = ([t], t.numel()) if t is not None else ([], 0)
+    full: Dict[str, torch.Tensor] = {}
+    if _rank() == 0:
+        full.update((n, p.detach()) for n, p in model.named_parameters())
+        for prefix, mod in model.named_modules():
+            for n, b in mod.named_buffers(recurse=False):
+                if n not in mod._non_persistent_buffers_set:
+                    full[f"{prefix}.{n}" if prefix else n] = b
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def wrap(model: nn.Module, args=None, *, mesh=None, reshard_after_forward: bool = True,

@@ -247,6 +247,20 @@ def phase_train(job, rank, world):
     res["grad_ckpt_enabled"] = bool(unwrap(m_gc).transformer.grad_checkpointing)
     del m_gc, o_gc
 
+    # ranks initialised differently (separation heads included): wrap() shards rank 0's weights
+    m_r = build(seed=10 + rank, heads=True)
+    mine = {n: p.detach().clone() for n, p in m_r.named_parameters()}
+    sums = gather_records(float(sum(p.sum() for p in mine.values())))
+    res["sync_init_differed"] = sums[0] != sums[1]
+    m_r = fsdp.wrap(m_r, make_args(SEP, rank, world))
+    fsdp.gather_full_state(m_r)
+    if rank == 0:
+        full = {k[len("module."):]: v for k, v in m_r.state_dict().items()}
+        full.update({"structure_heads." + k: v for k, v in unwrap(m_r).structure_heads.state_dict().items()})
+        res["sync_all_params"] = set(mine) <= set(full)
+        res["sync_max_diff"] = max(float((full[n] - p).abs().max()) for n, p in mine.items())
+    del m_r
+
     # --fsdp-param-dtype bf16: compute in bf16, keep fp32 shards (and fp32 gradient reduction)
     args_bf16 = make_args(GAP, rank, world)
     args_bf16.fsdp_param_dtype = "bf16"

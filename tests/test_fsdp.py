@@ -95,6 +95,15 @@ def test_grad_checkpointing(train):
 
 
 @pytest.mark.slow
+def test_wrap_shards_rank0_weights(train):
+    """Ranks initialised with different seeds: after wrap() every shard holds rank 0's weights
+    (torch's set_model_state_dict(broadcast_from_rank0=True)), the hidden separation heads too."""
+    assert train["sync_init_differed"]
+    assert train["sync_all_params"]
+    assert train["sync_max_diff"] == 0.0
+
+
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_shards(train):
     assert train["bf16_shard_dtypes"] == ["torch.float32"]
     assert_same_trajectory(train["bf16"], train["fsdp"][:2], rel=3e-2, keys=["contrastive_loss"])
