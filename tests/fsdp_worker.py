@@ -91,7 +91,7 @@ def unwrap(model):
 
 
 def as_float(t):
-    if fsdp._is_dtensor(t):
+    if fsdp.is_dtensor(t):
         t = t.full_tensor()
     return float(t)
 
@@ -138,7 +138,7 @@ def ddp(model):
 def full_params(model):
     """{name: full tensor} of the underlying model (DTensors gathered; all ranks call)."""
     inner = unwrap(model)
-    return {n: (p.full_tensor() if fsdp._is_dtensor(p) else p.detach()).reshape(-1).clone()
+    return {n: (p.full_tensor() if fsdp.is_dtensor(p) else p.detach()).reshape(-1).clone()
             for n, p in inner.named_parameters()}
 
 
@@ -164,7 +164,7 @@ def phase_train(job, rank, world):
     res["n_groups"] = [len(g["params"]) for g in o_fsdp.param_groups]
     res["n_groups_ddp"] = [len(g["params"]) for g in o_ddp.param_groups]
     res["fsdp"] = run_steps(m_fsdp, o_fsdp, loss_fn, data[:STEPS])
-    res["sharded_param_bytes"] = sum(fsdp._local(p).numel() * p.element_size() for p in m_fsdp.parameters())
+    res["sharded_param_bytes"] = sum(fsdp.local_tensor(p).numel() * p.element_size() for p in m_fsdp.parameters())
     res["full_param_bytes"] = sum(p.numel() * p.element_size() for p in m_ddp.parameters())
     res["params_after_3_max_diff"] = max_abs_diff(full_params(m_fsdp), full_params(m_ddp))
 
@@ -285,8 +285,8 @@ def phase_train(job, rank, world):
     out = m_f(x, t)
     scaler.scale(sum(loss_fn(**out, output_dict=True).values())).backward()
     if rank == 1:  # an overflow in one rank's shard only
-        p = next(p for p in unwrap(m_f).parameters() if p.grad is not None and fsdp._local(p.grad).numel())
-        fsdp._local(p.grad).view(-1)[0] = float("inf")
+        p = next(p for p in unwrap(m_f).parameters() if p.grad is not None and fsdp.local_tensor(p.grad).numel())
+        fsdp.local_tensor(p.grad).view(-1)[0] = float("inf")
     scaler.step(o_f)
     scaler.update()
     res["inf_params_unchanged"] = max_abs_diff(full_params(m_f), before) == 0.0

@@ -169,7 +169,9 @@ print(json.dumps({"keys_equal": sorted(sd) == sorted(ref),
 
 @pytest.mark.slow
 def test_plain_open_clip_loads_the_fsdp_checkpoint(train, run_dir):
-    config_dir = os.path.join(os.path.dirname(fsdp.__file__), "model_configs")
+    import openclip_structure
+
+    config_dir = os.path.join(os.path.dirname(openclip_structure.__file__), "model_configs")
     proc = subprocess.run([sys.executable, "-c", LOAD_WITH_PLAIN_OPEN_CLIP, config_dir,
                            os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "ddp_state.pt")],
                           capture_output=True, text=True, timeout=120)

@@ -39,7 +39,7 @@ def bind_optimizer(optimizer):
     """Under our FSDP2: bind an optimizer of the sharded model's parameters (idempotent)."""
     run = state.current()
     if run is not None and run.container is not None and isinstance(optimizer, torch.optim.Optimizer):
-        if fsdp._owner_of(optimizer) is run.container:
+        if fsdp.owner_of(optimizer) is run.container:
             fsdp.bind_optimizer(run.container, optimizer)
     return optimizer
 
@@ -56,4 +56,4 @@ def bound_optimizer(run: state.Run):
     """The optimizer bound to the run's FSDP2 container, or None."""
     if run is None or run.container is None:
         return None
-    return next(iter(fsdp._state(run.container).optimizers), None)
+    return next(iter(fsdp.bound_optimizers(run.container)), None)
