@@ -23,7 +23,7 @@ pretrained=checkpoint)``. After writing, the folder is loaded back through ``loc
 compared tensor by tensor (``--no-verify`` skips that).
 
 The helpers :func:`read_checkpoint_state_dict`, :func:`key_mismatch` and
-:class:`CheckpointError` are shared with :mod:`openclip_structure.evaluate`.
+:class:`CheckpointError` are shared with :mod:`openclip_structure.model_loading` (the evaluator).
 """
 from __future__ import annotations
 
