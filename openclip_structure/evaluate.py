@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,8 +44,9 @@ import torch
 from . import metrics as M
 from . import zeroshot
 from .shard_reader import IMAGE_EXTS, DataError, _decode_image, _expand, iter_shard_samples  # noqa: F401
-from .export import CheckpointError, key_mismatch, format_key_mismatch, quiet_open_clip_logging, \
-    read_checkpoint_state_dict
+from .eval_tables import format_metrics_table, format_shift_table
+from .export import CheckpointError
+from .model_loading import LOCAL_DIR, load_model
 
 __all__ = [
     "DataError",
@@ -64,95 +64,7 @@ __all__ = [
     "main",
 ]
 
-LOCAL_DIR = "local-dir:"
 DEFAULT_ALPHAS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-# webdataset's key convention: everything up to the first dot of the basename
-
-
-
-# ----------------------------------------------------------------------------- model loading
-
-
-def _device(device: Optional[str]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here")
-    return d
-
-
-def _resolve_source(model_name: Optional[str], pretrained: Optional[str]) -> Tuple[str, Optional[str]]:
-    """``(name for open_clip, pretrained or None)``; validates paths before open_clip sees them."""
-    import open_clip
-
-    if pretrained and pretrained.startswith(LOCAL_DIR):
-        name, pretrained = pretrained, None
-    elif model_name and model_name.startswith(LOCAL_DIR):
-        if pretrained:
-            raise ValueError(f"--model {model_name} already names the weights; drop --pretrained {pretrained}")
-        name = model_name
-    else:
-        if not model_name:
-            raise ValueError("--model NAME is needed for a training checkpoint (or pass local-dir:PATH)")
-        if open_clip.get_model_config(model_name) is None:
-            raise ValueError(f"unknown model config {model_name!r} (bundled: structure-*; "
-                             f"open_clip has e.g. {', '.join(open_clip.list_models()[:5])}, ...)")
-        name = model_name
-        if not pretrained:
-            raise ValueError("no weights given: pass --pretrained CKPT (a file, an open_clip tag, or local-dir:PATH)")
-        if os.path.isdir(pretrained):
-            raise CheckpointError(f"{pretrained} is a folder: pass local-dir:{pretrained} for an exported model")
-        if not os.path.isfile(pretrained) and not open_clip.get_pretrained_cfg(model_name, pretrained):
-            raise CheckpointError(f"checkpoint file not found: {pretrained}")
-    if name.startswith(LOCAL_DIR):
-        folder = Path(name[len(LOCAL_DIR):])
-        if not folder.is_dir():
-            raise CheckpointError(f"model folder not found: {folder}")
-        if not (folder / "open_clip_config.json").is_file():
-            raise CheckpointError(f"{folder} has no open_clip_config.json (export a checkpoint with "
-                                  "python -m openclip_structure.export)")
-    return name, pretrained
-
-
-def _diagnose_load_failure(name: str, path: str, err: BaseException) -> None:
-    """Turn open_clip's failure to load ``path`` into a short :class:`CheckpointError`, if possible."""
-    import open_clip
-
-    state_dict = read_checkpoint_state_dict(path)  # raises CheckpointError for pickled objects
-    with quiet_open_clip_logging():
-        bare = open_clip.create_model(name, pretrained=None, device="cpu")
-    missing, unexpected, shapes = key_mismatch(bare, state_dict)
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"checkpoint {path} does not match model {name!r}: "
-                              f"{format_key_mismatch(missing, unexpected, shapes)}") from err
-
-
-def load_model(model_name: Optional[str], pretrained: Optional[str], device=None):
-    """``(model, preprocess_val, tokenizer)`` in eval mode on ``device``.
-
-    ``pretrained`` is a training checkpoint (with ``model_name`` an open_clip config name),
-    ``local-dir:PATH`` (``model_name`` ignored), or an open_clip pretrained tag. The bundled
-    model configs are registered first. Raises :class:`CheckpointError` with the missing /
-    unexpected keys when the weights do not fit the model, or when the file holds pickled
-    non-tensor objects.
-    """
-    import open_clip
-
-    from .configs import register_model_configs
-
-    register_model_configs()
-    dev = _device(device)
-    name, pretrained = _resolve_source(model_name, pretrained)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=dev)
-    except Exception as e:
-        if pretrained and os.path.isfile(pretrained):
-            _diagnose_load_failure(name, pretrained, e)
-        raise
-    tokenizer = open_clip.get_tokenizer(name)
-    model.eval()
-    return model, preprocess, tokenizer
 
 
 # ----------------------------------------------------------------------------- shards and encoding
@@ -352,50 +264,6 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
                                                            title=f"{label}: shift along the gap")
     out["seconds"] = {"load_and_encode": round(t1 - t0, 3), "metrics": round(t2 - t1, 3)}
     return out
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
-
-
-def _table(header: List[str], rows: List[List[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-
-    def line(r):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-
-    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
-def format_metrics_table(results: Dict[str, dict]) -> str:
-    """One row per metric, one column per checkpoint (``{label: evaluate_checkpoint result}``)."""
-    labels = list(results)
-    keys: List[str] = []
-    for r in results.values():
-        keys += [k for k in r["metrics"] if k not in keys]
-    rows = [["samples"] + [str(results[c]["num_samples"]) for c in labels],
-            ["classes"] + [_fmt(results[c].get("num_classes")) for c in labels]]
-    rows += [[k] + [_fmt(results[c]["metrics"].get(k)) for c in labels] for k in keys]
-    out = _table(["metric"] + labels, rows)
-    notes = [f"note [{c}]: {results[c]['labels_note']}" for c in labels if results[c].get("labels_note")]
-    return out + ("\n" + "\n".join(notes) if notes else "")
-
-
-def format_shift_table(rows: List[dict], label: str = "") -> str:
-    """The shift diagnostic as a table, one row per alpha."""
-    cols: List[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    title = f"shift along the gap (Liang et al. 2022){': ' + label if label else ''}"
-    return title + "\n" + _table(cols, [[_fmt(r.get(c)) if c != "alpha" else f"{r['alpha']:+.2f}" for c in cols]
-                                        for r in rows])
 
 
 # ----------------------------------------------------------------------------- command line

@@ -3,30 +3,33 @@
     python -m openclip_structure.export --model structure-tiny \\
         --checkpoint logs/run/checkpoints/epoch_10.pt --out exported/run
 
-writes ``exported/run/open_clip_config.json`` (``{"model_cfg": ..., "preprocess_cfg": ...}``,
-the layout open_clip's ``local-dir:`` loader reads) and ``open_clip_model.safetensors``. The
-folder then loads anywhere with plain open_clip, no config registration needed::
+writes ``exported/run/open_clip_config.json`` and ``open_clip_model.safetensors``: the layout of
+open_clip's own Hugging Face export (``open_clip.push_to_hf_hub.save_config_for_hf`` writes the
+config, ``{"model_cfg": ..., "preprocess_cfg": ...}``; the weights go to open_clip's
+``HF_SAFE_WEIGHTS_NAME``), which open_clip's ``local-dir:`` loader reads. The folder then loads
+anywhere with plain open_clip, no config registration needed::
 
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:exported/run")
     tokenizer = open_clip.get_tokenizer("local-dir:exported/run")
 
-The checkpoint is read with ``torch.load(weights_only=True)``: a file holding pickled Python
-objects (e.g. an ``argparse.Namespace``) is refused, never unpickled. ``module.`` prefixes
-(DistributedDataParallel) are stripped, top-level keys other than ``state_dict`` (``epoch``,
-``optimizer``, a plugin's extra entries ...) are ignored, and the weights must match the model
-built from ``--model`` exactly (same keys, same shapes) before anything is written. After
-writing, the folder is loaded back through ``local-dir:`` and compared tensor by tensor
-(``--no-verify`` skips that).
+The checkpoint is read by open_clip's own reader (``open_clip.factory.load_state_dict`` with
+``weights_only=True``): a file holding pickled Python objects (e.g. an ``argparse.Namespace``) is
+refused, never unpickled. ``module.`` prefixes (DistributedDataParallel) are stripped, top-level
+keys other than ``state_dict`` (``epoch``, ``optimizer``, a plugin's extra entries ...) are
+ignored, and the weights must match the model built from ``--model`` exactly (same keys, same
+shapes; only a scalar's 0-D vs ``[1]`` shape, which open_clip's loader converts, is let through)
+before anything is written; the model is then built with ``open_clip.create_model(model,
+pretrained=checkpoint)``. After writing, the folder is loaded back through ``local-dir:`` and
+compared tensor by tensor (``--no-verify`` skips that).
 
 The helpers :func:`read_checkpoint_state_dict`, :func:`key_mismatch` and
-:class:`CheckpointError` are shared with :mod:`openclip_structure.evaluate`.
+:class:`CheckpointError` are shared with :mod:`openclip_structure.model_loading` (the evaluator).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import os
 import pickle
@@ -36,9 +39,9 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
+from open_clip.constants import HF_CONFIG_NAME as CONFIG_NAME  # open_clip_config.json
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME as WEIGHTS_NAME  # open_clip_model.safetensors
 
-CONFIG_NAME = "open_clip_config.json"
-WEIGHTS_NAME = "open_clip_model.safetensors"
 LOCAL_DIR_PREFIX = "local-dir:"
 
 __all__ = [
@@ -56,10 +59,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unsafe to load, or does not fit the model."""
 
 
-def _strip_module(state_dict: Mapping[str, object]) -> Dict[str, object]:
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
-
-
 def _unpickling_reason(err: BaseException) -> str:
     text = str(err)
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -72,35 +71,29 @@ def _unpickling_reason(err: BaseException) -> str:
 def read_checkpoint_state_dict(path) -> Dict[str, torch.Tensor]:
     """The model weights of a training checkpoint (or a bare state dict / ``.safetensors`` file).
 
-    Loads with ``torch.load(weights_only=True)`` on the CPU; raises :class:`CheckpointError`
-    when the file is missing, holds pickled non-tensor objects, or holds no tensor state dict.
-    A dict with a ``state_dict`` entry (open_clip's ``{"epoch", "name", "state_dict",
-    "optimizer", ...}``) gives that entry, every other top-level key being ignored; otherwise
-    the dict itself must map names to tensors. ``module.`` prefixes are removed.
+    Read by open_clip's own ``open_clip.factory.load_state_dict`` (``weights_only=True``, on the
+    CPU; ``.safetensors`` too): a dict with a ``state_dict`` entry (open_clip's ``{"epoch",
+    "name", "state_dict", "optimizer", ...}``) gives that entry, every other top-level key being
+    ignored; otherwise the dict itself must map names to tensors. ``module.`` prefixes are
+    removed. Raises :class:`CheckpointError` when the file is missing, holds pickled non-tensor
+    objects, or holds no tensor state dict.
     """
+    from open_clip.factory import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj = load_file(str(path), device="cpu")
-    else:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"refusing to load checkpoint {path}: {_unpickling_reason(e)}, which "
-                "torch.load(weights_only=True) does not unpickle. Only tensors and plain containers "
-                "(dict, list, str, numbers) are accepted; re-save it without that object, e.g. "
-                "torch.save({'state_dict': model.state_dict()}, path)."
-            ) from e
-        except Exception as e:  # truncated / not a torch file
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        state_dict = obj["state_dict"]
-    else:
-        state_dict = obj
+    try:
+        state_dict = load_state_dict(str(path), device="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load checkpoint {path}: {_unpickling_reason(e)}, which "
+            "torch.load(weights_only=True) does not unpickle. Only tensors and plain containers "
+            "(dict, list, str, numbers) are accepted; re-save it without that object, e.g. "
+            "torch.save({'state_dict': model.state_dict()}, path)."
+        ) from e
+    except Exception as e:  # truncated / not a torch file / no dict of weights
+        raise CheckpointError(f"cannot read model weights from checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise CheckpointError(
             f"checkpoint {path} holds no model weights: expected a dict with a 'state_dict' entry "
@@ -108,26 +101,29 @@ def read_checkpoint_state_dict(path) -> Dict[str, torch.Tensor]:
         )
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        top = sorted(obj) if isinstance(obj, Mapping) else []
-        raise CheckpointError(
-            f"checkpoint {path}: the weights contain non-tensor entries {bad[:5]}"
-            + (f" (top-level keys: {top})" if top else "")
-        )
-    return _strip_module(state_dict)
+        raise CheckpointError(f"checkpoint {path}: the weights contain non-tensor entries {bad[:5]}")
+    return dict(state_dict)
 
 
 def key_mismatch(model_or_keys, state_dict: Mapping[str, torch.Tensor]) -> Tuple[List[str], List[str], List[str]]:
     """``(missing, unexpected, shape_mismatch)`` of ``state_dict`` against a model (or its state dict).
 
-    ``shape_mismatch`` entries read ``"name: checkpoint (a, b) vs model (c, d)"``.
+    ``shape_mismatch`` entries read ``"name: checkpoint (a, b) vs model (c, d)"``. A one-element
+    ``logit_scale`` / ``logit_bias`` stored 0-D vs ``[1]`` is no mismatch: open_clip's
+    ``load_checkpoint`` reshapes it (releases differ in which one they use).
     """
     expected = model_or_keys.state_dict() if hasattr(model_or_keys, "state_dict") else model_or_keys
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
+
+    def fits(k):
+        a, b = tuple(state_dict[k].shape), tuple(expected[k].shape)
+        return a == b or (k in ("logit_scale", "logit_bias") and a in ((), (1,)) and b in ((), (1,)))
+
     shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
-        if k in state_dict and hasattr(expected[k], "shape") and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k in state_dict and hasattr(expected[k], "shape") and not fits(k)
     ]
     return missing, unexpected, shapes
 
@@ -157,14 +153,6 @@ def check_state_dict(model, state_dict, what: str = "checkpoint", model_name: st
         )
 
 
-def _jsonable(x):
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 @contextlib.contextmanager
 def quiet_open_clip_logging():
     """Silence open_clip's root-logger chatter (e.g. "No pretrained weights loaded") in a block."""
@@ -192,6 +180,7 @@ def export_checkpoint(model_name: str, checkpoint, out_dir, verify: bool = True,
     Returns ``{"dir", "config", "weights", "model"}`` (``model`` is the ``local-dir:`` name).
     """
     import open_clip
+    from open_clip.push_to_hf_hub import save_config_for_hf
     from safetensors.torch import save_file
 
     _register_configs()
@@ -205,17 +194,11 @@ def export_checkpoint(model_name: str, checkpoint, out_dir, verify: bool = True,
     state_dict = read_checkpoint_state_dict(checkpoint)
 
     with quiet_open_clip_logging():
-        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
-    # open_clip stores a scalar logit_scale/bias as 0-d or 1-d depending on version
-    for k in ("logit_scale", "logit_bias"):
-        target = getattr(model, k, None)
-        if k in state_dict and target is not None and state_dict[k].ndim != target.ndim:
-            state_dict[k] = state_dict[k].reshape(target.shape)
-    check_state_dict(model, state_dict, f"checkpoint {checkpoint}", f"model {model_name!r}")
-    model.load_state_dict(state_dict, strict=True)
-
-    preprocess_cfg = _jsonable(dict(getattr(model.visual, "preprocess_cfg", {}) or {}))
-    config = {"model_cfg": _jsonable(model_cfg), "preprocess_cfg": preprocess_cfg}
+        bare = open_clip.create_model(model_name, pretrained=None, device="cpu")
+    # exact keys and shapes first: open_clip's loader would resize e.g. a positional embedding
+    check_state_dict(bare, state_dict, f"checkpoint {checkpoint}", f"model {model_name!r}")
+    del bare, state_dict
+    model = open_clip.create_model(model_name, pretrained=str(checkpoint), device="cpu")
 
     out = Path(out_dir)
     config_path, weights_path = out / CONFIG_NAME, out / WEIGHTS_NAME
@@ -228,11 +211,13 @@ def export_checkpoint(model_name: str, checkpoint, out_dir, verify: bool = True,
         print(f"warning: {out} also holds weight files {others}; open_clip prefers {WEIGHTS_NAME}",
               file=sys.stderr)
 
+    # as open_clip's save_for_hf: model.state_dict() to HF_SAFE_WEIGHTS_NAME (cloned: safetensors
+    # refuses tensors sharing storage), the config by open_clip's save_config_for_hf
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "source_checkpoint": os.path.abspath(str(checkpoint)), "model_name": model_name}
     save_file(tensors, str(weights_path), metadata=meta)
     os.chmod(weights_path, 0o644)
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_config_for_hf(model, config_path, model_config=model_cfg)
 
     local_name = LOCAL_DIR_PREFIX + str(out.resolve())
     if verify:

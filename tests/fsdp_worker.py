@@ -9,7 +9,7 @@ logit-scale clamp), once with the plugin's CPU-capable DDP and once with ``fsdp.
 phase "train" (writes <dir>/train.json, <dir>/ckpt.pt, <dir>/sharded/, <dir>/ddp_state.pt):
   3 steps DDP and FSDP; gather_full_state + rank-0 torch.save exactly as open_clip saves; an
   eval replica on rank 0; save_sharded; 2 more steps of each (the references for resuming);
-  staleness; grad checkpointing; the FSDP GradScaler; separation heads + two views.
+  staleness; grad checkpointing; torch's GradScaler under FSDP; separation heads + two views.
 phase "resume" (writes <dir>/resume.json): fresh models (another seed) resumed from ckpt.pt
   (FSDP through container/optimizer load_state_dict, DDP through open_clip's plain calls) and
   from the sharded directory, 2 steps each.
@@ -91,7 +91,7 @@ def unwrap(model):
 
 
 def as_float(t):
-    if fsdp._is_dtensor(t):
+    if fsdp.is_dtensor(t):
         t = t.full_tensor()
     return float(t)
 
@@ -138,7 +138,7 @@ def ddp(model):
 def full_params(model):
     """{name: full tensor} of the underlying model (DTensors gathered; all ranks call)."""
     inner = unwrap(model)
-    return {n: (p.full_tensor() if fsdp._is_dtensor(p) else p.detach()).reshape(-1).clone()
+    return {n: (p.full_tensor() if fsdp.is_dtensor(p) else p.detach()).reshape(-1).clone()
             for n, p in inner.named_parameters()}
 
 
@@ -164,7 +164,7 @@ def phase_train(job, rank, world):
     res["n_groups"] = [len(g["params"]) for g in o_fsdp.param_groups]
     res["n_groups_ddp"] = [len(g["params"]) for g in o_ddp.param_groups]
     res["fsdp"] = run_steps(m_fsdp, o_fsdp, loss_fn, data[:STEPS])
-    res["sharded_param_bytes"] = sum(fsdp._local(p).numel() * p.element_size() for p in m_fsdp.parameters())
+    res["sharded_param_bytes"] = sum(fsdp.local_tensor(p).numel() * p.element_size() for p in m_fsdp.parameters())
     res["full_param_bytes"] = sum(p.numel() * p.element_size() for p in m_ddp.parameters())
     res["params_after_3_max_diff"] = max_abs_diff(full_params(m_fsdp), full_params(m_ddp))
 
@@ -247,6 +247,20 @@ def phase_train(job, rank, world):
     res["grad_ckpt_enabled"] = bool(unwrap(m_gc).transformer.grad_checkpointing)
     del m_gc, o_gc
 
+    # ranks initialised differently (separation heads included): wrap() shards rank 0's weights
+    m_r = build(seed=10 + rank, heads=True)
+    mine = {n: p.detach().clone() for n, p in m_r.named_parameters()}
+    sums = gather_records(float(sum(p.sum() for p in mine.values())))
+    res["sync_init_differed"] = sums[0] != sums[1]
+    m_r = fsdp.wrap(m_r, make_args(SEP, rank, world))
+    fsdp.gather_full_state(m_r)
+    if rank == 0:
+        full = {k[len("module."):]: v for k, v in m_r.state_dict().items()}
+        full.update({"structure_heads." + k: v for k, v in unwrap(m_r).structure_heads.state_dict().items()})
+        res["sync_all_params"] = set(mine) <= set(full)
+        res["sync_max_diff"] = max(float((full[n] - p).abs().max()) for n, p in mine.items())
+    del m_r
+
     # --fsdp-param-dtype bf16: compute in bf16, keep fp32 shards (and fp32 gradient reduction)
     args_bf16 = make_args(GAP, rank, world)
     args_bf16.fsdp_param_dtype = "bf16"
@@ -256,13 +270,13 @@ def phase_train(job, rank, world):
     res["bf16_shard_dtypes"] = sorted({str(p.dtype) for p in m_b.parameters()})
     del m_b, o_b
 
-    # --precision amp path: FSDP GradScaler vs torch's GradScaler under DDP; then an inf on one rank
+    # --precision amp path: torch's GradScaler, FSDP vs DDP; then an inf on one rank
     m_s, o_s = ddp(build()), None
     o_s = make_optimizer(m_s)
     res["scaler_ddp"] = run_steps(m_s, o_s, loss_fn, data[:2], scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
     m_f = fsdp.wrap(build(), make_args(GAP, rank, world))
     o_f = make_optimizer(m_f)
-    scaler = fsdp.GradScaler(device=torch.device("cpu"), init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # what open_clip builds
     res["scaler_fsdp"] = run_steps(m_f, o_f, loss_fn, data[:2], scaler=scaler)
     before = full_params(m_f)
     scale_before = scaler.get_scale()
@@ -271,8 +285,8 @@ def phase_train(job, rank, world):
     out = m_f(x, t)
     scaler.scale(sum(loss_fn(**out, output_dict=True).values())).backward()
     if rank == 1:  # an overflow in one rank's shard only
-        p = next(p for p in unwrap(m_f).parameters() if p.grad is not None and fsdp._local(p.grad).numel())
-        fsdp._local(p.grad).view(-1)[0] = float("inf")
+        p = next(p for p in unwrap(m_f).parameters() if p.grad is not None and fsdp.local_tensor(p.grad).numel())
+        fsdp.local_tensor(p.grad).view(-1)[0] = float("inf")
     scaler.step(o_f)
     scaler.update()
     res["inf_params_unchanged"] = max_abs_diff(full_params(m_f), before) == 0.0

@@ -1,7 +1,7 @@
 """FSDP2 (openclip_structure.fsdp) against DDP in real 2-process runs (torchrun, gloo, CPU):
 the same loss trajectory, full checkpoints that plain open_clip loads and that DDP and FSDP runs
 resume from interchangeably, sharded (torch.distributed.checkpoint) checkpoints, evaluation on
-rank 0 only, grad checkpointing, the FSDP GradScaler, the separation heads and two views.
+rank 0 only, grad checkpointing, torch's GradScaler under FSDP, the separation heads and two views.
 
 The worker is tests/fsdp_worker.py; two torchrun launches (train, then resume in fresh processes).
 """
@@ -95,6 +95,15 @@ def test_grad_checkpointing(train):
 
 
 @pytest.mark.slow
+def test_wrap_shards_rank0_weights(train):
+    """Ranks initialised with different seeds: after wrap() every shard holds rank 0's weights
+    (torch's set_model_state_dict(broadcast_from_rank0=True)), the hidden separation heads too."""
+    assert train["sync_init_differed"]
+    assert train["sync_all_params"]
+    assert train["sync_max_diff"] == 0.0
+
+
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_shards(train):
     assert train["bf16_shard_dtypes"] == ["torch.float32"]
     assert_same_trajectory(train["bf16"], train["fsdp"][:2], rel=3e-2, keys=["contrastive_loss"])
@@ -160,7 +169,9 @@ print(json.dumps({"keys_equal": sorted(sd) == sorted(ref),
 
 @pytest.mark.slow
 def test_plain_open_clip_loads_the_fsdp_checkpoint(train, run_dir):
-    config_dir = os.path.join(os.path.dirname(fsdp.__file__), "model_configs")
+    import openclip_structure
+
+    config_dir = os.path.join(os.path.dirname(openclip_structure.__file__), "model_configs")
     proc = subprocess.run([sys.executable, "-c", LOAD_WITH_PLAIN_OPEN_CLIP, config_dir,
                            os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "ddp_state.pt")],
                           capture_output=True, text=True, timeout=120)

@@ -8,8 +8,7 @@ flags              ``add_arguments``, ``validate``               :mod:`.flags`
 loss               ``create_loss``                               :mod:`.loss`
 model              ``create_model_and_transforms``               :mod:`.model`
 data               ``get_data``                                  :mod:`.data`
-parallel           ``distributed_data_parallel``,                :mod:`.parallel`
-                   ``grad_scaler``, ``optimizer``
+parallel           ``distributed_data_parallel``, ``optimizer``  :mod:`.parallel`
 checkpoints        ``train_one_epoch``, ``pt_load``              :mod:`.checkpoints`
 validation         ``evaluate``, ``get_clip_metrics``            :mod:`.validation`
 progress           ``lr_scheduler``                              :mod:`.progress`
@@ -31,7 +30,7 @@ from .checkpoints import wrap_pt_load, wrap_train_one_epoch
 from .data import wrap_get_data
 from .loss import wrap_create_loss
 from .model import wrap_create_model_and_transforms
-from .parallel import wrap_distributed_data_parallel, wrap_grad_scaler, wrap_optimizer
+from .parallel import wrap_distributed_data_parallel, wrap_optimizer
 from .progress import wrap_lr_scheduler
 from .validation import wrap_evaluate, wrap_get_clip_metrics
 
@@ -41,7 +40,6 @@ HOOKS = {
     "create_model_and_transforms": wrap_create_model_and_transforms,
     "get_data": wrap_get_data,
     "distributed_data_parallel": wrap_distributed_data_parallel,
-    "grad_scaler": wrap_grad_scaler,
     "optimizer": wrap_optimizer,
     "lr_scheduler": wrap_lr_scheduler,
     "train_one_epoch": wrap_train_one_epoch,

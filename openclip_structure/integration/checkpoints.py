@@ -81,7 +81,7 @@ def prune_heads_files(checkpoint_dir: str, epoch: int) -> None:
 
 def full_heads_state(heads) -> dict:
     """The heads' full tensors (ALL ranks: sharded parameters are gathered)."""
-    return {k: (v.full_tensor() if fsdp._is_dtensor(v) else v).detach().cpu()
+    return {k: (v.full_tensor() if fsdp.is_dtensor(v) else v).detach().cpu()
             for k, v in heads.state_dict().items()}
 
 

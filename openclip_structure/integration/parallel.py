@@ -1,10 +1,9 @@
-"""Parallel hook: open_clip's data-parallel wrapping, gradient scaler and optimizer.
+"""Parallel hook: open_clip's data-parallel wrapping and optimizer.
 
 * ``DistributedDataParallel(model, device_ids=[device])``: with the plugin's ``--fsdp`` the
   training model is sharded with FSDP2 instead (:func:`openclip_structure.fsdp.wrap`); otherwise
   torch's DDP, with ``device_ids`` dropped for CPU modules (open_clip 3.x passes
   ``device_ids=[cpu]``, which torch rejects), so CPU clusters and the gloo tests work.
-* ``GradScaler``: under our FSDP2, a scaler that handles sharded (DTensor) gradients.
 * optimizers: under our FSDP2, an optimizer over the sharded model's parameters gets full-state
   (de)serialisation (:func:`openclip_structure.fsdp.bind_optimizer`).
 """
@@ -36,20 +35,11 @@ def wrap_distributed_data_parallel(ddp_cls):
     return make
 
 
-def wrap_grad_scaler(scaler_cls):
-    @functools.wraps(scaler_cls, updated=())
-    def make(*args, **kwargs):
-        run = state.current()
-        return (fsdp.GradScaler if run is not None and run.uses_fsdp() else scaler_cls)(*args, **kwargs)
-
-    return make
-
-
 def bind_optimizer(optimizer):
     """Under our FSDP2: bind an optimizer of the sharded model's parameters (idempotent)."""
     run = state.current()
     if run is not None and run.container is not None and isinstance(optimizer, torch.optim.Optimizer):
-        if fsdp._owner_of(optimizer) is run.container:
+        if fsdp.owner_of(optimizer) is run.container:
             fsdp.bind_optimizer(run.container, optimizer)
     return optimizer
 
@@ -66,4 +56,4 @@ def bound_optimizer(run: state.Run):
     """The optimizer bound to the run's FSDP2 container, or None."""
     if run is None or run.container is None:
         return None
-    return next(iter(fsdp._state(run.container).optimizers), None)
+    return next(iter(fsdp.bound_optimizers(run.container)), None)

@@ -48,13 +48,12 @@ class ModuleView(types.ModuleType):
 
 
 def _torch_view(torch_module):
-    """``torch`` for open_clip_train.main: ``nn.parallel.DistributedDataParallel`` and
-    ``amp.GradScaler`` go through the parallel hook."""
-    nn, amp = torch_module.nn, torch_module.amp
+    """``torch`` for open_clip_train.main: ``nn.parallel.DistributedDataParallel`` goes through the
+    parallel hook (torch's own ``amp.GradScaler`` serves FSDP2 too)."""
+    nn = torch_module.nn
     parallel = ModuleView(nn.parallel, DistributedDataParallel=HOOKS["distributed_data_parallel"](
         nn.parallel.DistributedDataParallel))
-    return ModuleView(torch_module, nn=ModuleView(nn, parallel=parallel),
-                      amp=ModuleView(amp, GradScaler=HOOKS["grad_scaler"](amp.GradScaler)))
+    return ModuleView(torch_module, nn=ModuleView(nn, parallel=parallel))
 
 
 def _optim_view(optim):
@@ -92,9 +91,8 @@ TABLE: Tuple[Replacement, ...] = (
     Replacement(_MAIN, "create_model_and_transforms", "main", "model: --fixed-temperature, separation heads, "
                 "two-view forward and train preprocess", hook="create_model_and_transforms"),
     Replacement(_MAIN, "get_data", "main", "data: two captions per train sample (--text-aug)", hook="get_data"),
-    Replacement(_MAIN, "torch", "main", "parallel: DDP on CPU (device_ids=[cpu]) or FSDP2 with --fsdp; "
-                "GradScaler for sharded gradients", view=_torch_view,
-                uses=("nn", "parallel", "DistributedDataParallel", "amp", "GradScaler")),
+    Replacement(_MAIN, "torch", "main", "parallel: DDP on CPU (device_ids=[cpu]) or FSDP2 with --fsdp",
+                view=_torch_view, uses=("nn", "parallel", "DistributedDataParallel")),
     Replacement(_MAIN, "optim", "main", "parallel: --fsdp optimizers get full-state (de)serialisation",
                 view=_optim_view, uses=("AdamW",)),
     Replacement(_MAIN, "cosine_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),

@@ -86,7 +86,7 @@ def wrap_load_checkpoint(load_checkpoint):
         heads = run.heads
         saved = checkpoints.read_heads_beside(path, epoch)
         if heads is not None and saved is not None:
-            fsdp._load_full_params(dict(heads.named_parameters()), saved)
+            fsdp.load_full_params(dict(heads.named_parameters()), saved)
             logging.info(f"openclip-structure: restored the separation heads ({HEADS_KEY}) from "
                          f"{os.path.basename(checkpoints.heads_path(os.path.dirname(str(path)), epoch))}")
         elif heads is not None:
