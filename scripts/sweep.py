@@ -32,11 +32,12 @@ import demo  # noqa: E402
 
 # sweep name -> (flags with {w} for the swept value, values, what is swept)
 SWEEPS = {
-    "gap": (["--gap-atp-weight", "{w}", "--gap-cu-weight", "{w}"], [0.1, 0.3, 1, 3], "ATP = CU weight"),
+    "gap": (["--gap-atp-weight", "{w}", "--gap-cu-weight", "{w}"], [0.1, 1, 3], "ATP = CU weight"),
     "gc": (["--gc-weight", "{w}"], [0.05, 0.25, 1], "weight"),
     "gc_aug": (["--gc-aug-weight", "{w}"], [0.05, 0.25, 1], "weight"),
     "bridge": (["--bridge-weight", "{w}"], [0.01, 0.1, 1], "weight"),
-    "bridge_t": (["--bridge-weight", "0.1", "--bridge-t", "{w}"], [0.1, 0.25, 0.5, 0.75], "t (weight 0.1)"),
+    # t = 0.25 (the default) at weight 0.1 is the bridge sweep's 0.1 run
+    "bridge_t": (["--bridge-weight", "0.1", "--bridge-t", "{w}"], [0.1, 0.5, 0.9], "t (weight 0.1)"),
     "separation": (["--sep-weight", "{w}"], [0.1, 0.3, 1], "weight"),
     "inmodal": (["--inmodal-weight", "{w}", "--text-aug", "eda"], [0.1, 0.3, 1], "weight (EDA text view)"),
 }
@@ -53,6 +54,14 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 def _fmt(w) -> str:
     return f"{w:g}"
+
+
+def run_name(name, flags) -> str:
+    """The run folder's method name: the demo's own name where the flags are the demo's (the papers'
+    weights), so `demo.py --out` on the same folder reuses those runs; else ``<sweep>-w<value>``."""
+    if demo.METHODS.get(name) == flags:
+        return name
+    return None
 
 
 def paired(base: dict, runs: dict, key: str):
@@ -115,7 +124,9 @@ def main(argv=None):
     runs = [("baseline", [], s) for s in args.seeds]
     for name in args.sweeps:
         flags, values, _ = SWEEPS[name]
-        runs += [(f"{name}-w{_fmt(w)}", [f.format(w=_fmt(w)) for f in flags], s) for w in values for s in args.seeds]
+        for w in values:
+            fl = [f.format(w=_fmt(w)) for f in flags]
+            runs += [(run_name(name, fl) or f"{name}-w{_fmt(w)}", fl, s) for s in args.seeds]
     jobs = args.jobs or demo.default_jobs(args.device, args.threads)
     print(f"[sweep] {len(runs)} runs, {jobs} at a time", flush=True)
     metrics = {}
@@ -130,7 +141,8 @@ def main(argv=None):
     report, pngs = {}, []
     for name in args.sweeps:
         flags, values, what = SWEEPS[name]
-        per_value = {w: metrics[f"{name}-w{_fmt(w)}"] for w in values}
+        per_value = {w: metrics[run_name(name, [f.format(w=_fmt(w)) for f in flags]) or f"{name}-w{_fmt(w)}"]
+                     for w in values}
         report[name] = {"flags": flags, "values": values, "runs": {_fmt(w): per_value[w] for w in values},
                         "paired": {}}
         for w in values:
