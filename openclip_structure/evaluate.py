@@ -79,7 +79,7 @@ def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, 
     L2-normalised rows, pair ``i`` being sample ``i`` in shard order (the first
     ``max_samples`` samples when given). ``labels`` is None unless every sample has a
     ``.cls``. ``stats`` (a dict, optional) receives ``num_samples``, ``num_labelled``,
-    ``skipped`` and ``shards``. Raises :class:`DataError` when there is no complete sample.
+    ``skipped``, ``shards`` and ``captions`` (the caption texts, in pair order). Raises :class:`DataError` when there is no complete sample.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,7 +87,7 @@ def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, 
     dev = next(model.parameters()).device if device is None else torch.device(device)
     was_training = model.training
     model.eval()
-    imgs, txts, labels = [], [], []
+    imgs, txts, labels, captions = [], [], [], []
     batch: list = []
 
     def flush():
@@ -100,6 +100,7 @@ def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, 
         imgs.append(fi.float().cpu().numpy())
         txts.append(ft.float().cpu().numpy())
         labels.extend(lbl for _, _, _, lbl in batch)
+        captions.extend(c for _, _, c, _ in batch)
         batch.clear()
 
     try:
@@ -115,6 +116,7 @@ def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, 
     n = len(labels)
     stats["num_samples"] = n
     stats["num_labelled"] = sum(lbl is not None for lbl in labels)
+    stats["captions"] = captions
     if n == 0:
         raise DataError(f"no samples (image + txt caption) in {pattern}"
                         + (f" ({stats['skipped']} incomplete samples skipped)" if stats.get("skipped") else ""))
@@ -226,6 +228,7 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     note = _labels_note(labels, stats)
     used = labels if note is None else None
     res = evaluate_embeddings(img, txt, used, seed=seed, k=k, shift=shift, alphas=alphas)
+    res["metrics"].update(M.caption_retrieval_recall(img, txt, stats["captions"]))
     if used is not None:
         zs, res["zeroshot_prompts"] = zeroshot.zero_shot_metrics(model, tokenizer, img, used, data,
                                                                  zeroshot_classnames, zeroshot_templates)

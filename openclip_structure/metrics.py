@@ -63,6 +63,7 @@ __all__ = [
     "relative_modality_gap",
     "retrieval_recall",
     "class_retrieval_recall",
+    "caption_retrieval_recall",
     "cluster_scores",
     "knn_accuracy",
     "linear_probe_accuracy",
@@ -310,6 +311,21 @@ def class_retrieval_recall(img, txt, labels, ks: Sequence[int] = (1, 5, 10)) -> 
         for k, r in zip(ks, _class_hits_one_way(q, g, y, y, ks)):
             out[f"{name}_class_r{k}"] = r
     return out
+
+
+def caption_retrieval_recall(img, txt, captions, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Instance-level Recall@k that treats pairs with the *same caption text* as one instance.
+
+    Where captions repeat (template captions), instance R@k is ill-posed: the true caption of an
+    image cannot be told from its identical copies. Here any caption equal to the query's own
+    caption (an image query) or any image whose caption equals the query (a text query) is a hit:
+    :func:`class_retrieval_recall` with the distinct caption strings as the classes. With unique
+    captions it equals :func:`retrieval_recall`. Returns ``{"i2t_caption_r1": ..., ...}``.
+    """
+    captions = list(captions)
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    res = class_retrieval_recall(img, txt, np.array([ids[c] for c in captions]), ks)
+    return {k.replace("_class_", "_caption_"): v for k, v in res.items()}
 
 
 # ----------------------------------------------------------------------------- group-level measures

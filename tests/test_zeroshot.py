@@ -89,6 +89,22 @@ def test_class_retrieval_is_well_posed_with_identical_captions():
     assert M.retrieval_recall(img, txt, ks=(1,))["t2i_r1"] < 0.5  # ... but t2i cannot tell the images apart
 
 
+def test_caption_retrieval_counts_identical_captions_as_one_instance():
+    rng = np.random.default_rng(3)
+    img, txt = rng.standard_normal((40, 5)), rng.standard_normal((40, 5))
+    captions = [f"caption {int(c)}" for c in rng.integers(0, 15, size=40)]  # many duplicates
+    out = M.caption_retrieval_recall(img, txt, captions, ks=(1, 2))
+    a = img / np.linalg.norm(img, axis=1, keepdims=True)
+    b = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    for name, (q, g) in (("i2t", (a, b)), ("t2i", (b, a))):
+        for k in (1, 2):
+            hits = sum(any(captions[j] == captions[i] for j in np.argsort(-(g @ q[i]))[:k]) for i in range(40))
+            assert out[f"{name}_caption_r{k}"] == pytest.approx(hits / 40), (name, k)
+    unique = [f"c{i}" for i in range(40)]  # with unique captions it is instance retrieval
+    inst = M.retrieval_recall(img, txt, ks=(1, 2))
+    assert {k.replace("_caption_", "_"): v for k, v in M.caption_retrieval_recall(img, txt, unique, ks=(1, 2)).items()} == inst
+
+
 def test_class_retrieval_blocked(monkeypatch):
     rng = np.random.default_rng(2)
     img, txt, labels = rng.standard_normal((50, 5)), rng.standard_normal((50, 5)), rng.integers(0, 3, 50)
