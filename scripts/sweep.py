@@ -105,6 +105,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sweeps", nargs="+", choices=sorted(SWEEPS), default=list(SWEEPS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--values", type=float, nargs="+", default=None,
+                   help="the swept values, instead of the sweep's own (with a single --sweeps)")
     p.add_argument("--task", choices=sorted(demo.TASKS), default="digits")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -115,7 +117,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(args.seeds) < 2:
         raise SystemExit("--seeds: at least 2 seeds (the differences are paired by seed)")
+    if args.values and len(args.sweeps) != 1:
+        raise SystemExit("--values needs exactly one sweep in --sweeps")
+    sweeps = {n: (SWEEPS[n][0], args.values or SWEEPS[n][1], SWEEPS[n][2]) for n in args.sweeps}
     size = dict(demo.SIZES["cuda" if args.device == "cuda" else "default"])
+    if args.device == "cpu":
+        size.update(demo.TASK_SIZES.get(args.task, {}))
     size.update({key: getattr(args, key) for key, _ in demo.OVERRIDES if getattr(args, key) is not None})
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
@@ -123,7 +130,7 @@ def main(argv=None):
     data = demo.make_data(os.path.join(out_dir, "data"), args.task)
     runs = [("baseline", [], s) for s in args.seeds]
     for name in args.sweeps:
-        flags, values, _ = SWEEPS[name]
+        flags, values, _ = sweeps[name]
         for w in values:
             fl = [f.format(w=_fmt(w)) for f in flags]
             runs += [(run_name(name, fl) or f"{name}-w{_fmt(w)}", fl, s) for s in args.seeds]
@@ -140,7 +147,7 @@ def main(argv=None):
              "|---|---|" + "---|" * (len(METRICS) + 1)]
     report, pngs = {}, []
     for name in args.sweeps:
-        flags, values, what = SWEEPS[name]
+        flags, values, what = sweeps[name]
         per_value = {w: metrics[run_name(name, [f.format(w=_fmt(w)) for f in flags]) or f"{name}-w{_fmt(w)}"]
                      for w in values}
         report[name] = {"flags": flags, "values": values, "runs": {_fmt(w): per_value[w] for w in values},
