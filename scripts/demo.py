@@ -292,12 +292,14 @@ def main(argv=None):
         others = sorted({len(v) for m, v in plan.items() if m != "baseline"})
         note += f" for the baseline, the first {'/'.join(map(str, others))} of them for the other methods"
     diag, _ = table(summary, seeds, DIAG_COLUMNS)
+    per_seed = "\n".join(f"- {m}: " + ", ".join(f"seed {s} {r['zeroshot_top1']:.3f}" for s, r in zip(plan[m], results[m]))
+                         for m in results if all("zeroshot_top1" in r for r in results[m]))
     pngs = plots(first_ckpt, data, out_dir, args.device, size["model"])
     cmd = "python scripts/demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"Validation set: {data['val']['num_samples']} {args.task} image/caption pairs, 10 classes; "
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
           f"lr {size['lr']:g}, warmup {size['warmup']} steps, "
-          f"model {size['model']}; {note}.\n\n{text}\n\nPer-term structural diagnostics "
+          f"model {size['model']}; {note}.\n\n{text}\n\nZero-shot top-1 per seed:\n\n{per_seed}\n\nPer-term structural diagnostics "
           f"(openclip_structure.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
           f"Produced by `{cmd.strip()}` "
           f"in {time.time() - start:.0f}s.\n")

@@ -32,5 +32,6 @@ def test_quick_demo_produces_the_full_table(tmp_path):
     table = (out_dir / "results.md").read_text()
     assert all(f"| {m} " in table for m in expected)
     assert "[demo] run 7/7" in proc.stdout and "mixed V" in proc.stdout
+    assert "- baseline: seed 0 " in table  # the per-seed zero-shot lines
     for png in results["plots"]:
         assert os.path.getsize(png) > 1000
