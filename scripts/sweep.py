@@ -56,12 +56,14 @@ def _fmt(w) -> str:
     return f"{w:g}"
 
 
-def run_name(name, flags) -> str:
+def run_name(name, flags, value) -> str:
     """The run folder's method name: the demo's own name where the flags are the demo's (the papers'
     weights), so `demo.py --out` on the same folder reuses those runs; else ``<sweep>-w<value>``."""
-    if demo.METHODS.get(name) == flags:
-        return name
-    return None
+    return name if demo.METHODS.get(name) == flags else f"{name}-w{_fmt(value)}"
+
+
+def sweep_flags(flags, value) -> list:
+    return [f.format(w=_fmt(value)) for f in flags]
 
 
 def paired(base: dict, runs: dict, key: str):
@@ -132,8 +134,7 @@ def main(argv=None):
     for name in args.sweeps:
         flags, values, _ = sweeps[name]
         for w in values:
-            fl = [f.format(w=_fmt(w)) for f in flags]
-            runs += [(run_name(name, fl) or f"{name}-w{_fmt(w)}", fl, s) for s in args.seeds]
+            runs += [(run_name(name, sweep_flags(flags, w), w), sweep_flags(flags, w), s) for s in args.seeds]
     jobs = args.jobs or demo.default_jobs(args.device, args.threads)
     print(f"[sweep] {len(runs)} runs, {jobs} at a time", flush=True)
     metrics = {}
@@ -148,8 +149,7 @@ def main(argv=None):
     report, pngs = {}, []
     for name in args.sweeps:
         flags, values, what = sweeps[name]
-        per_value = {w: metrics[run_name(name, [f.format(w=_fmt(w)) for f in flags]) or f"{name}-w{_fmt(w)}"]
-                     for w in values}
+        per_value = {w: metrics[run_name(name, sweep_flags(flags, w), w)] for w in values}
         report[name] = {"flags": flags, "values": values, "runs": {_fmt(w): per_value[w] for w in values},
                         "paired": {}}
         for w in values:
