@@ -53,8 +53,8 @@ DIAG_COLUMNS = [
 ]
 SIZES = {
     #           epochs, batch, train samples, seeds (method_seeds: seeds of the non-baseline methods)
-    # docs/recipe.md: average-pooled image tower + batch 32 leaves the log(batch) plateau by epoch 3-4
-    # for every seed swept (baseline zero-shot 0.867-0.936 over 5 seeds)
+    # docs/recipe.md: average-pooled image tower + batch 32 leaves the log(batch) plateau by epoch 3-4;
+    # 14 epochs give baseline zero-shot 0.922-0.964 over seeds 0-4 (10 epochs: one seed at 0.804)
     "default": dict(epochs=14, batch=32, samples=1344, seeds=5, method_seeds=3, lr=2e-3, warmup=40,
                     model="structure-tiny-avg"),
     "quick": dict(epochs=1, batch=64, samples=640, seeds=1, lr=2e-3, warmup=20, model="structure-tiny"),
@@ -159,7 +159,7 @@ def run_all(runs, data, size, out_dir, device, jobs=1, threads=1):
 
     Every run trains and evaluates with `threads` intra-op threads whatever `jobs` is, so a run's
     numbers do not depend on the machine's core count or on how many runs share it (CPU float
-    reductions depend on the thread count: the same seed can land elsewhere with 1 vs 2 threads).
+    reductions depend on the thread count).
     """
     total = len(runs)
     if jobs <= 1:
@@ -237,8 +237,8 @@ def main(argv=None):
                    help="run the methods other than the baseline on the first N seeds only")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods to run")
     p.add_argument("--task", choices=sorted(TASKS), default="digits",
-                   help="digits: captions name the class; scenes: digits with nuisance colour/size/corner/"
-                        "background named in the captions (the group task with headroom)")
+                   help="digits: captions name the class; scenes: digits in an ink colour on a background, both "
+                        "named in the captions (the group task with headroom)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/scenes for --task scenes)")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads of each run (default 1: the numbers do not depend on the machine)")
