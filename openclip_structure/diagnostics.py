@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import embedding_input as EI
 from . import metrics as M
 
 __all__ = ["gc_discrepancies", "bridge_distances", "separation_measures", "structure_diagnostics",
@@ -41,7 +42,7 @@ def gc_discrepancies(img, txt) -> dict:
     n = a.shape[0]
     if n < 2:
         raise ValueError(f"img and txt need at least 2 pairs for pairwise discrepancies, got {n}")
-    rows = max(1, M._BLOCK_ELEMENTS // n)
+    rows = max(1, EI._BLOCK_ELEMENTS // n)
     cross = inmodal = 0.0
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))

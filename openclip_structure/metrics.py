@@ -34,6 +34,9 @@ Group-level measures (class labels per sample), protocol of Grassucci et al. 202
 - ``linear_probe_accuracy``   logistic-regression probe accuracy.
 - ``group_metrics``           the above on the mixed image+text set and per modality.
 
+The retrieval measures live in :mod:`openclip_structure.retrieval` and the input validation in
+:mod:`openclip_structure.embedding_input`; both are re-exported here.
+
 Aggregates: ``gap_metrics``, ``all_metrics``. Diagnostic: ``shift_towards``
 (Liang et al. 2022 embedding shift).
 """
@@ -54,6 +57,10 @@ from sklearn.metrics import (
 from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 
+from . import embedding_input as EI
+from .embedding_input import _embeddings, _labels, _mean, _paired, _to_numpy  # noqa: F401 (shared helpers)
+from .retrieval import caption_retrieval_recall, class_retrieval_recall, retrieval_recall
+
 __all__ = [
     "modality_gap",
     "cos_true_pairs",
@@ -72,62 +79,6 @@ __all__ = [
     "all_metrics",
     "shift_towards",
 ]
-
-# Upper bound on the elements of one block of the similarity matrix (float32: 128 MiB).
-_BLOCK_ELEMENTS = 2**25
-
-
-# ----------------------------------------------------------------------------- input handling
-
-
-def _to_numpy(x, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu()
-        x = x.double() if str(x.dtype) == "torch.float64" else x.float()
-    x = np.asarray(x)
-    if x.dtype.kind not in "fiu":
-        raise ValueError(f"{name} must be a real numeric array, got dtype {x.dtype}")
-    return x if x.dtype == np.float64 else x.astype(np.float32)
-
-
-def _embeddings(x, name: str) -> np.ndarray:
-    """Validate one embedding matrix and return it with L2-normalised rows."""
-    x = _to_numpy(x, name)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, dim), got shape {x.shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError(f"{name} contains a zero-norm row, which cannot be L2-normalised")
-    return x / norms
-
-
-def _paired(img, txt) -> tuple[np.ndarray, np.ndarray]:
-    a = _embeddings(img, "img")
-    b = _embeddings(txt, "txt")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"img and txt must have the same number of rows (pairs), got {a.shape[0]} and {b.shape[0]}"
-        )
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"img and txt must have the same dimension, got {a.shape[1]} and {b.shape[1]}")
-    return a, b
-
-
-def _labels(labels, n: int) -> np.ndarray:
-    y = np.asarray(labels.detach().cpu() if hasattr(labels, "detach") else labels)
-    if y.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
-    if y.shape[0] != n:
-        raise ValueError(f"labels must have one entry per embedding row ({n}), got {y.shape[0]}")
-    return y
-
-
-def _mean(x: np.ndarray) -> np.ndarray:
-    return x.mean(axis=0, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------- label-free measures
@@ -185,7 +136,7 @@ def fang_uniformity(img, txt) -> float:
     d = a.shape[1]
     mu = (_mean(a) + _mean(b)) / 2
     sigma = np.zeros((d, d))
-    rows = max(1, _BLOCK_ELEMENTS // (4 * d))  # float64 chunk of at most 64 MiB
+    rows = max(1, EI._BLOCK_ELEMENTS // (4 * d))  # float64 chunk of at most 64 MiB
     for part in (a, b):
         for start in range(0, part.shape[0], rows):
             c = part[start : start + rows].astype(np.float64) - mu
@@ -244,88 +195,6 @@ def relative_modality_gap(img, txt) -> float:
     intra = [(1.0 - mean_intra_modal_cosine(m)) / 2 for m in (a, b)]
     denom = match + (intra[0] + intra[1]) / 2
     return float(match / denom) if denom > 0 else 0.0
-
-
-def _recall_one_way(q: np.ndarray, g: np.ndarray, ks: Sequence[int]) -> list[float]:
-    """R@k for queries q against gallery g where the true match of q[i] is g[i]."""
-    n = q.shape[0]
-    rows = max(1, _BLOCK_ELEMENTS // n)
-    ranks = np.empty(n, dtype=np.int64)
-    for start in range(0, n, rows):
-        sims = q[start : start + rows] @ g.T
-        idx = np.arange(start, start + sims.shape[0])
-        true = sims[np.arange(sims.shape[0]), idx][:, None]
-        ranks[idx] = (sims > true).sum(axis=1)  # 0 = true match ranked first
-    return [float((ranks < k).mean()) for k in ks]
-
-
-def retrieval_recall(img, txt, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@k for image->text and text->image retrieval on the cosine matrix.
-
-    ``S = img_n @ txt_n^T`` (L2-normalised rows); the true match of ``img_i`` is ``txt_i``.
-    rank_i = number of candidates scoring strictly higher than the true match (ties count
-    in favour of the match); R@k = mean_i [rank_i < k]. Computed in row blocks (no N x N
-    matrix in memory). Returns ``{"i2t_r1": ..., "t2i_r1": ..., ...}`` as fractions in [0, 1].
-    """
-    a, b = _paired(img, txt)
-    ks = [int(k) for k in ks]
-    if any(k < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    out = {}
-    for name, (q, g) in (("i2t", (a, b)), ("t2i", (b, a))):
-        for k, r in zip(ks, _recall_one_way(q, g, ks)):
-            out[f"{name}_r{k}"] = r
-    return out
-
-
-def _class_hits_one_way(q: np.ndarray, g: np.ndarray, yq: np.ndarray, yg: np.ndarray, ks: Sequence[int]) -> list[float]:
-    """Fraction of queries whose top-k gallery items hold at least one item of the query's class."""
-    n = q.shape[0]
-    rows = max(1, _BLOCK_ELEMENTS // g.shape[0])
-    first = np.empty(n, dtype=np.int64)  # rank of the best-scoring same-class candidate
-    for start in range(0, n, rows):
-        sims = q[start : start + rows] @ g.T
-        same = yq[start : start + sims.shape[0], None] == yg[None, :]
-        best = np.where(same, sims, -np.inf).max(axis=1, keepdims=True)
-        first[start : start + sims.shape[0]] = (sims > best).sum(axis=1)
-    return [float((first < k).mean()) for k in ks]
-
-
-def class_retrieval_recall(img, txt, labels, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Class-level Recall@k both ways: a hit when any of the top-k candidates has the query's class.
-
-    On the cosine matrix ``S = img_n @ txt_n^T`` with the class of pair ``i`` being ``labels[i]``:
-    for an image query, rank = number of captions scoring strictly higher than the best caption of
-    its own class (ties in favour of the class); R@k = mean [rank < k]; text queries likewise
-    against the images. Unlike instance-level :func:`retrieval_recall`, this stays meaningful when
-    many captions are identical (template captions). Returns ``{"i2t_class_r1": ..., "t2i_class_r1":
-    ..., ...}``. Computed in row blocks.
-    """
-    a, b = _paired(img, txt)
-    y = _labels(labels, a.shape[0])
-    ks = [int(k) for k in ks]
-    if any(k < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    out = {}
-    for name, (q, g) in (("i2t", (a, b)), ("t2i", (b, a))):
-        for k, r in zip(ks, _class_hits_one_way(q, g, y, y, ks)):
-            out[f"{name}_class_r{k}"] = r
-    return out
-
-
-def caption_retrieval_recall(img, txt, captions, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Instance-level Recall@k that treats pairs with the *same caption text* as one instance.
-
-    Where captions repeat (template captions), instance R@k is ill-posed: the true caption of an
-    image cannot be told from its identical copies. Here any caption equal to the query's own
-    caption (an image query) or any image whose caption equals the query (a text query) is a hit:
-    :func:`class_retrieval_recall` with the distinct caption strings as the classes. With unique
-    captions it equals :func:`retrieval_recall`. Returns ``{"i2t_caption_r1": ..., ...}``.
-    """
-    captions = list(captions)
-    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    res = class_retrieval_recall(img, txt, np.array([ids[c] for c in captions]), ks)
-    return {k.replace("_class_", "_caption_"): v for k, v in res.items()}
 
 
 # ----------------------------------------------------------------------------- group-level measures

@@ -8,6 +8,7 @@ import torch
 
 from openclip_structure import diagnostics as D
 from openclip_structure import evaluate
+from openclip_structure import embedding_input as EI
 from openclip_structure import metrics as M
 from openclip_structure.heads import heads_path
 from openclip_structure.shards import digits_samples, write_shards
@@ -43,7 +44,7 @@ def test_gc_discrepancies_zero_for_identical_modalities_and_blocked(monkeypatch)
                                         "gc_inmodal_diff": pytest.approx(0, abs=1e-7)}
     img, txt = _rand(30, 6, 3), _rand(30, 6, 4)
     full = D.gc_discrepancies(img, txt)
-    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", 4 * 30)  # 4 rows a block
+    monkeypatch.setattr(EI, "_BLOCK_ELEMENTS", 4 * 30)  # 4 rows a block
     assert D.gc_discrepancies(img, txt) == pytest.approx(full, rel=1e-6)
     with pytest.raises(ValueError, match="at least 2 pairs"):
         D.gc_discrepancies(img[:1], txt[:1])

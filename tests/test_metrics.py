@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from openclip_structure import embedding_input as EI
 from openclip_structure import metrics as M
 
 
@@ -126,7 +127,7 @@ def test_retrieval_recall_matches_brute_force():
 
 
 def test_retrieval_recall_blocked(monkeypatch):
-    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", 50)  # force many small row blocks
+    monkeypatch.setattr(EI, "_BLOCK_ELEMENTS", 50)  # force many small row blocks
     img, txt = _rand(40, 6, 12), _rand(40, 6, 13)
     blocked = M.retrieval_recall(img, txt)
     monkeypatch.undo()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from openclip_structure import embedding_input as EI
 from openclip_structure import metrics as M
 from openclip_structure import zeroshot as Z
 from openclip_structure.shards import DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, write_prompt_files
@@ -109,7 +110,7 @@ def test_class_retrieval_blocked(monkeypatch):
     rng = np.random.default_rng(2)
     img, txt, labels = rng.standard_normal((50, 5)), rng.standard_normal((50, 5)), rng.integers(0, 3, 50)
     full = M.class_retrieval_recall(img, txt, labels)
-    monkeypatch.setattr(M, "_BLOCK_ELEMENTS", 7 * 50)  # a module constant of this project
+    monkeypatch.setattr(EI, "_BLOCK_ELEMENTS", 7 * 50)  # a module constant of this project
     assert M.class_retrieval_recall(img, txt, labels) == full
 
 
