@@ -45,7 +45,7 @@ SWEEPS = {
 METRICS = [("zeroshot_top1", "zero-shot top-1", True), ("mixed_v_measure", "mixed-set V-measure", True),
            ("i2t_class_r1", "class-level R@1 i2t", True), ("gap", "modality gap", None)]
 # the structural diagnostic each method should move (openclip_structure.diagnostics)
-DIAGNOSTIC = {"gap": "gap", "gc": "gc_cross_asym", "gc_aug": "gc_inmodal_diff", "bridge": "bridge_distance",
+DIAGNOSTIC = {"gap": "gap", "gc": "gc_cross_asym", "gc_aug": "aug_view_distance", "bridge": "bridge_distance",
               "bridge_t": "bridge_distance", "separation": "sep_image_shared_ind_abs_corr",
               "inmodal": "aug_view_distance"}
 # two-sided 95 % t quantiles by degrees of freedom
