@@ -98,6 +98,7 @@ def main():
     res["scales"] = [scale_before, scaler.get_scale()]
     with open(os.path.join(job["dir"], f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
+    dist.barrier()  # no rank tears gloo down while the other still has work in flight (as the other workers)
     dist.destroy_process_group()
 
 
