@@ -11,8 +11,9 @@ vs weight, one point per seed, the baseline's mean ± std as a band). Runs alrea
 reused, so an interrupted sweep continues where it stopped.
 
 Reading rule (printed in the table): the difference to the baseline is taken per seed; a weight
-"helps"/"hurts" a metric when the mean paired difference is beyond t(0.975, n-1) standard errors
-(two-sided 95 %, n seeds), otherwise it is "neutral".
+moves a metric "up"/"down" when the mean paired difference is beyond t(0.975, n-1) standard
+errors (two-sided 95 %, n seeds), otherwise it is "neutral". `--values` replaces the swept values
+of a single sweep (e.g. `--sweeps gap --values 1 3`).
 """
 from __future__ import annotations
 
