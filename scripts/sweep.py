@@ -158,9 +158,10 @@ def main(argv=None):
             for key, _, _ in METRICS + [(DIAGNOSTIC[name], "", None)]:
                 mean_d, se, n, verdict = paired(base, per_value[w], key)
                 vals = [m[key] for m in per_value[w].values() if key in m]
-                report[name]["paired"].setdefault(_fmt(w), {})[key] = dict(mean=float(np.mean(vals)) if vals else None, diff=mean_d,
+                mean = float(np.mean(vals)) if vals else None
+                report[name]["paired"].setdefault(_fmt(w), {})[key] = dict(mean=mean, diff=mean_d,
                                                                             se=se, n=n, verdict=verdict)
-                cells.append(f"{(np.mean(vals) if vals else float('nan')):.3f} ({mean_d:+.3f} ± {se:.3f}, {verdict})")
+                cells.append(f"{mean if mean is not None else float('nan'):.3f} ({mean_d:+.3f} ± {se:.3f}, {verdict})")
             lines.append(f"| {name} | {_fmt(w)} | " + " | ".join(cells) + " |")
         pngs.append(plot(name, values, base, per_value, out_dir, what))
     base_cells = []
