@@ -17,11 +17,10 @@ class DataError(ValueError):
 
 
 def _expand(pattern) -> List[str]:
-    from braceexpand import braceexpand
+    """The shard paths of a brace pattern (``::`` separates several) or a list, as open_clip expands them."""
+    from .data_check import expand_sources
 
-    if isinstance(pattern, (list, tuple)):
-        return [str(p) for p in pattern]
-    return [u for part in str(pattern).split("::") for u in braceexpand(part)]
+    return expand_sources(pattern)
 
 
 def tar_samples(urls) -> Iterator[Dict[str, bytes]]:

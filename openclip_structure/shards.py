@@ -322,21 +322,14 @@ def write_digits_dataset(out_dir, image_size: int = 32, seed: int = 0, **kw) -> 
                          templates=list(DIGIT_ZEROSHOT_TEMPLATES), **kw)
 
 
-def _expand(pattern_or_paths) -> list[str]:
-    from braceexpand import braceexpand
-
-    if isinstance(pattern_or_paths, (str, Path)):
-        return [u for part in str(pattern_or_paths).split("::") for u in braceexpand(part)]
-    return [str(p) for p in pattern_or_paths]
-
-
 def read_shards(pattern_or_paths) -> list[Sample]:
     """Read shards back (webdataset's tar reader) from a brace pattern or a list of tar paths, in
     order; a sample without an image gets ``image=None``, one without a caption ``caption=""``."""
+    from .data_check import expand_sources
     from .shard_reader import tar_samples
 
     samples = []
-    for f in tar_samples(_expand(pattern_or_paths)):
+    for f in tar_samples(expand_sources(pattern_or_paths)):
         image = next((f[e[1:]] for e in IMAGE_EXTS if e[1:] in f), None)
         label = int(f["cls"]) if "cls" in f else None
         samples.append(Sample(f["__key__"], image, f.get("txt", b"").decode("utf-8"), label))

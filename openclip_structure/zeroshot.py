@@ -67,10 +67,9 @@ def read_templates(path) -> List[str]:
 
 
 def _first_shard_dir(pattern) -> Optional[Path]:
-    from braceexpand import braceexpand
+    from .data_check import expand_sources
 
-    first = (list(pattern)[:1] if isinstance(pattern, (list, tuple))
-             else list(braceexpand(str(pattern).split("::")[0]))[:1])
+    first = expand_sources(pattern)[:1]
     return Path(first[0]).parent if first else None
 
 

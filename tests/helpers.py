@@ -42,3 +42,22 @@ def logged(run_dir, key):
     """Values of one loss key as open_clip prints them in out.log ("Gap_atp_loss: 0.123 (avg)")."""
     text = open(os.path.join(run_dir, "out.log")).read()
     return [float(v) for v in re.findall(rf"{key.capitalize()}: ([-0-9.e]+) \(", text)]
+
+
+_PLACEHOLDERS = []
+
+
+def placeholder_file(name: str) -> str:
+    """An existing empty file ``name`` (in a folder of this test session), for tests that only parse
+    flags: the launcher refuses a ``--train-data``/``--val-data`` that names a missing file."""
+    import tempfile
+
+    if not _PLACEHOLDERS:
+        _PLACEHOLDERS.append(tempfile.mkdtemp(prefix="openclip-structure-placeholders-"))
+    path = os.path.join(_PLACEHOLDERS[0], name)
+    open(path, "a").close()
+    return path
+
+
+X_TAR = placeholder_file("x.tar")
+VAL_TAR = placeholder_file("val.tar")

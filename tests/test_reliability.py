@@ -18,7 +18,7 @@ from openclip_structure import main as launcher
 from openclip_structure.factory import create_loss
 from openclip_structure.shards import Sample, digits_samples, write_dataset, write_shards
 
-from helpers import launch
+from helpers import X_TAR, launch
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1", "--workers", "1",
          "--seed", "0", "--log-every-n-steps", "1", "--batch-size", "32"]
 BAD_VALUES = ["-1", "nan", "inf", "bogus"]
@@ -42,10 +42,10 @@ def test_every_plugin_flag_refuses_bad_values(action, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: --fsdp needs more than one process
     if action.nargs == 0:  # store_true flags take no value
         needs = ["--fsdp"] if flag.startswith("--fsdp-") else []
-        assert parse(["--train-data", "x.tar", flag] + needs).__dict__[action.dest] is True
+        assert parse(["--train-data", X_TAR, flag] + needs).__dict__[action.dest] is True
         if needs:  # ... and are refused without the flag they refine
             with pytest.raises(SystemExit):
-                parse(["--train-data", "x.tar", flag])
+                parse(["--train-data", X_TAR, flag])
             assert f"{flag} need --fsdp" in capsys.readouterr().err
         return
     tried = 0
@@ -53,7 +53,7 @@ def test_every_plugin_flag_refuses_bad_values(action, capsys, monkeypatch):
         if action.choices is not None and bad in action.choices:
             continue
         with pytest.raises(SystemExit) as e:
-            parse(["--train-data", "x.tar", f"{flag}={bad}"])
+            parse(["--train-data", X_TAR, f"{flag}={bad}"])
         assert e.value.code == 2, (flag, bad)
         err = capsys.readouterr().err
         assert f"argument {flag}" in err, (flag, bad, err)
@@ -62,14 +62,14 @@ def test_every_plugin_flag_refuses_bad_values(action, capsys, monkeypatch):
         tried += 1
     assert tried >= 3
     # the default is accepted
-    args = parse(["--train-data", "x.tar"])
+    args = parse(["--train-data", X_TAR])
     assert getattr(args, action.dest) == action.default
 
 
 def test_fsdp_on_one_process_is_refused(capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit):
-        parse(["--train-data", "x.tar", "--fsdp"])
+        parse(["--train-data", X_TAR, "--fsdp"])
     assert "--fsdp needs more than one process" in capsys.readouterr().err
 
 
@@ -108,7 +108,7 @@ def test_group_metrics_without_labels_refused_before_training(tmp_path, capsys):
         (["--val-data", str(tmp_path / "nope-{0..1}.tar")], r"cannot read"),
     ]:
         with pytest.raises(SystemExit) as e:
-            parse(["--train-data", "x.tar", "--val-structure-metrics", "all"] + argv)
+            parse(["--train-data", X_TAR, "--val-structure-metrics", "all"] + argv)
         assert e.value.code == 2
         assert re.search(message, capsys.readouterr().err)
 
@@ -116,12 +116,12 @@ def test_group_metrics_without_labels_refused_before_training(tmp_path, capsys):
 def test_zero_shot_prompt_files_need_labelled_validation(tmp_path, capsys):
     (tmp_path / "names.txt").write_text("zero\none\n")
     with pytest.raises(SystemExit) as e:
-        parse(["--train-data", "x.tar", "--val-zeroshot-classnames", str(tmp_path / "names.txt")])
+        parse(["--train-data", X_TAR, "--val-zeroshot-classnames", str(tmp_path / "names.txt")])
     assert e.value.code == 2
     assert "--val-zeroshot-classnames only feed the labelled validation metrics" in capsys.readouterr().err
     (tmp_path / "t.txt").write_text("a photo\n")
     with pytest.raises(SystemExit):
-        parse(["--train-data", "x.tar", "--val-zeroshot-templates", str(tmp_path / "t.txt")])
+        parse(["--train-data", X_TAR, "--val-zeroshot-templates", str(tmp_path / "t.txt")])
     assert "argument --val-zeroshot-templates" in capsys.readouterr().err
 
 

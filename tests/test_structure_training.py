@@ -28,7 +28,7 @@ from openclip_structure.shards import digits_samples, write_dataset
 from openclip_structure.views import (EDA, TwoCaptions, TwoViews, augmented_view_transform, install_forward,
                                       prepare_model)
 
-from helpers import logged, run  # noqa: E402
+from helpers import VAL_TAR, X_TAR, logged, run  # noqa: E402
 CONFIG_DIR = launcher.MODEL_CONFIG_DIR
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1", "--workers", "1",
          "--seed", "0", "--log-every-n-steps", "1", "--report-to", "tensorboard"]
@@ -62,7 +62,7 @@ def tokens(n=4, context_length=16):
 def plugin_args(argv):
     """Parsed launcher flags (open_clip's parser + the plugin group), plus what open_clip adds later."""
     with launcher.installed() as m:
-        args = m.parse_args(["--train-data", "x.tar"] + argv)
+        args = m.parse_args(["--train-data", X_TAR] + argv)
     args.distill, args.rank, args.world_size = False, 0, 1
     return args
 
@@ -101,7 +101,7 @@ def test_eda_and_two_caption_tokenizer():
 
 def test_text_aug_tokenizer_only_for_the_train_dataset():
     from openclip_structure.views import wrap_get_data
-    args = plugin_args(["--bridge-weight", "1", "--text-aug", "eda", "--val-data", "val.tar"])
+    args = plugin_args(["--bridge-weight", "1", "--text-aug", "eda", "--val-data", VAL_TAR])
     seen = []
 
     def fake_get_data(a, fns, epoch=0, tokenizer=None):
@@ -116,9 +116,9 @@ def test_text_aug_tokenizer_only_for_the_train_dataset():
     tok = open_clip.get_tokenizer("structure-tiny")
     data = wrap_get_data(fake_get_data, lambda: args)(args, (None, None), epoch=0, tokenizer=tok)
     assert data["train"].shape == (1, 2, 16) and data["val"].shape == (1, 16)
-    assert seen == [("x.tar", None), (None, "val.tar")]
-    assert (args.train_data, args.val_data) == ("x.tar", "val.tar")  # restored
-    plain = plugin_args(["--bridge-weight", "1", "--val-data", "val.tar"])
+    assert seen == [(X_TAR, None), (None, VAL_TAR)]
+    assert (args.train_data, args.val_data) == (X_TAR, VAL_TAR)  # restored
+    plain = plugin_args(["--bridge-weight", "1", "--val-data", VAL_TAR])
     assert wrap_get_data(fake_get_data, lambda: plain)(plain, (None, None), tokenizer=tok)["train"].shape == (1, 16)
 
 
@@ -422,7 +422,7 @@ def test_help_lists_structure_flags(capsys):
 ])
 def test_bad_structure_flags_fail_before_training(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        launcher.main(["--train-data", "x.tar", "--logs", str(tmp_path)] + argv)
+        launcher.main(["--train-data", X_TAR, "--logs", str(tmp_path)] + argv)
     assert e.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert os.listdir(tmp_path) == []
@@ -464,7 +464,7 @@ def test_separation_refuses_resnet_custom_text_and_accepts_vit():
 def test_launcher_refuses_separation_on_resnet_before_training():
     """The check runs in the launcher's create_model_and_transforms wrapper."""
     with launcher.installed() as ocm:
-        ocm.parse_args(["--train-data", "x.tar", "--model", "RN50", "--sep-weight", "1"])
+        ocm.parse_args(["--train-data", X_TAR, "--model", "RN50", "--sep-weight", "1"])
         with pytest.raises(UnsupportedModelError, match=r"--sep-weight .* model 'RN50'.*ModifiedResNet"):
             ocm.create_model_and_transforms("RN50", None, output_dict=True)
 

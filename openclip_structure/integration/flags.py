@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .. import flags
+from ..data_check import check_data_args
 from ..configs import register_model_configs
 from . import state
 
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args, parser: argparse.ArgumentParser) -> None:
     try:
         flags.validate(args)
+        check_data_args(args)  # a missing --train-data/--val-data file: stop now, not retry forever
     except flags.FlagError as e:
         parser.error(str(e))
     run = state.current()
