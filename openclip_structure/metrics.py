@@ -133,8 +133,15 @@ def fang_uniformity(img, txt) -> float:
     clipped to 0).
     """
     a, b = _paired(img, txt)
+    return fang_of_stack(a, b)
+
+
+def fang_of_stack(a: np.ndarray, b: np.ndarray) -> float:
+    """:func:`fang_uniformity` of the stack ``[a; b]`` of unit rows (any row counts: several
+    captions per image, :mod:`openclip_structure.multicaption`)."""
     d = a.shape[1]
-    mu = (_mean(a) + _mean(b)) / 2
+    n, m = a.shape[0], b.shape[0]
+    mu = (_mean(a) + _mean(b)) / 2 if n == m else (n * _mean(a) + m * _mean(b)) / (n + m)
     sigma = np.zeros((d, d))
     rows = max(1, EI._BLOCK_ELEMENTS // (4 * d))  # float64 chunk of at most 64 MiB
     for part in (a, b):
@@ -322,9 +329,12 @@ def shift_towards(img, txt, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     ``alpha = 0`` leaves the embeddings unchanged (apart from normalisation), ``alpha = 1``
     moves both centroids to their midpoint, i.e. closes the centroid gap exactly before
     the re-normalisation (after it the gap is ~0, exactly 0 when the shifted norms are
-    equal), ``alpha < 0`` widens the gap. Returns the re-normalised ``(img', txt')``.
+    equal), ``alpha < 0`` widens the gap. Returns the re-normalised ``(img', txt')``. The rows
+    need not be pairs (several captions per image: the centroid of all captions).
     """
-    a, b = _paired(img, txt)
+    a, b = _embeddings(img, "img"), _embeddings(txt, "txt")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"img and txt must have the same dimension, got {a.shape[1]} and {b.shape[1]}")
     half = (alpha / 2) * (_mean(b) - _mean(a))
     a = a + half.astype(a.dtype)
     b = b - half.astype(b.dtype)

@@ -1,0 +1,154 @@
+"""Several captions per image, the COCO protocol: every caption is its own text; i2t R@k counts any
+caption of the image, t2i R@k is scored per caption; gap and group measures use every caption,
+each carrying its image's label. Checked against plain loops, and single-caption data gives
+exactly the paired numbers."""
+import numpy as np
+import pytest
+
+from openclip_structure import embedding_input as EI
+from openclip_structure import metrics as M
+from openclip_structure import multicaption as MC
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _toy(n_img=30, d=8, seed=0, max_caps=4):
+    """Images and 1..max_caps captions each (caption = its image + noise), owners shuffled."""
+    rng = np.random.default_rng(seed)
+    img = rng.standard_normal((n_img, d))
+    counts = rng.integers(1, max_caps + 1, size=n_img)
+    owners = rng.permutation(np.repeat(np.arange(n_img), counts))
+    txt = img[owners] + 1.2 * rng.standard_normal((len(owners), d))
+    return img, txt, owners
+
+
+def _loop_recall(img, txt, owners, ks):
+    """COCO protocol written out: sort every row of the cosine matrix, look for a positive."""
+    a, b = _unit(img), _unit(txt)
+    s = a @ b.T
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = np.mean([any(owners[j] == i for j in np.argsort(-s[i])[:k]) for i in range(len(a))])
+        out[f"t2i_r{k}"] = np.mean([owners[j] in np.argsort(-s[:, j])[:k] for j in range(len(b))])
+    return out
+
+
+def test_recall_any_caption_for_images_and_per_caption_for_texts():
+    img, txt, owners = _toy()
+    got = M.retrieval_recall(img, txt, ks=(1, 3, 5), text_image=owners)
+    want = _loop_recall(img, txt, owners, (1, 3, 5))
+    assert got == pytest.approx(want, abs=1e-12)
+    assert 0 < got["i2t_r1"] < 1 and 0 < got["t2i_r1"] < 1  # non-trivial
+    assert got["i2t_r1"] != got["t2i_r1"]  # averaged over images vs over captions
+
+
+def test_recall_blocked(monkeypatch):
+    img, txt, owners = _toy(seed=1)
+    whole = M.retrieval_recall(img, txt, text_image=owners)
+    cap = [f"c{o % 7}" for o in owners]
+    whole_cap = M.caption_retrieval_recall(img, txt, cap, text_image=owners)
+    monkeypatch.setattr(EI, "_BLOCK_ELEMENTS", 40)
+    assert M.retrieval_recall(img, txt, text_image=owners) == whole
+    assert M.caption_retrieval_recall(img, txt, cap, text_image=owners) == whole_cap
+
+
+def test_class_and_caption_recall_against_loops():
+    img, txt, owners = _toy(seed=2)
+    labels = np.arange(len(img)) % 4
+    captions = [f"text {o % 9}" for o in owners]  # repeated texts across images
+    a, b = _unit(img), _unit(txt)
+    s = a @ b.T
+    cls = M.class_retrieval_recall(img, txt, labels, ks=(1, 2), text_image=owners)
+    cap = M.caption_retrieval_recall(img, txt, captions, ks=(1, 2), text_image=owners)
+    for k in (1, 2):
+        i2t = np.mean([any(labels[owners[j]] == labels[i] for j in np.argsort(-s[i])[:k]) for i in range(len(a))])
+        t2i = np.mean([any(labels[i] == labels[owners[j]] for i in np.argsort(-s[:, j])[:k]) for j in range(len(b))])
+        assert (cls[f"i2t_class_r{k}"], cls[f"t2i_class_r{k}"]) == pytest.approx((i2t, t2i))
+        mine = [{captions[j] for j in range(len(b)) if owners[j] == i} for i in range(len(a))]
+        i2t = np.mean([any(captions[j] in mine[i] for j in np.argsort(-s[i])[:k]) for i in range(len(a))])
+        t2i = np.mean([any(captions[j] in mine[i] for i in np.argsort(-s[:, j])[:k]) for j in range(len(b))])
+        assert (cap[f"i2t_caption_r{k}"], cap[f"t2i_caption_r{k}"]) == pytest.approx((i2t, t2i))
+
+
+def test_gap_and_pair_measures_against_definitions():
+    img, txt, owners = _toy(seed=3)
+    out = MC.gap_metrics(img, txt, owners, ks=(1,))
+    a, b = _unit(img), _unit(txt)
+    assert out["gap"] == pytest.approx(np.linalg.norm(a.mean(0) - b.mean(0)), abs=1e-6)
+    assert out["cos_true_pairs"] == pytest.approx(np.mean([a[owners[j]] @ b[j] for j in range(len(b))]), abs=1e-6)
+    offdiag = lambda x: (np.sum(x @ x.T) - len(x)) / (len(x) * (len(x) - 1))  # noqa: E731
+    assert out["intra_image_cos"] == pytest.approx(offdiag(a), abs=1e-6)
+    assert out["intra_text_cos"] == pytest.approx(offdiag(b), abs=1e-6)
+    match = np.mean([(1 - a[owners[j]] @ b[j]) / 2 for j in range(len(b))])
+    rmg = match / (match + ((1 - offdiag(a)) / 2 + (1 - offdiag(b)) / 2) / 2)
+    assert out["relative_gap"] == pytest.approx(rmg, abs=1e-6)
+    # Fang on the stacked set of every image and every caption, from its covariance's square root
+    import scipy.linalg
+    x = np.concatenate([a, b]).astype(np.float64)
+    mu, sigma = x.mean(0), np.cov(x.T, bias=True)
+    w2 = mu @ mu + 1 + np.trace(sigma) - 2 / np.sqrt(x.shape[1]) * np.trace(scipy.linalg.sqrtm(sigma).real)
+    assert out["uniformity"] == pytest.approx(-np.sqrt(w2), abs=1e-5)
+    assert 0.0 <= out["separability"] <= 1.0
+
+
+def test_separability_splits_over_images_with_balanced_classes():
+    """Captions that copy their image exactly: no direction separates images from captions,
+    so a balanced test set gives 0.5 (an unbalanced one would give the caption share)."""
+    rng = np.random.default_rng(4)
+    img = rng.standard_normal((40, 6))
+    owners = np.repeat(np.arange(40), 3)
+    assert MC.gap_metrics(img, img[owners], owners)["separability"] == pytest.approx(0.5)
+    shift = 4 * np.eye(6)[0]  # captions on the other side of a plane: separable
+    assert MC.gap_metrics(img + shift, img[owners] - shift, owners)["separability"] == 1.0
+
+
+def test_group_metrics_each_caption_carries_its_images_label():
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(3), 12)
+    img = np.eye(6)[labels] * 3 + 0.1 * rng.standard_normal((36, 6))
+    owners = np.repeat(np.arange(36), 2)
+    txt = np.eye(6)[labels[owners] + 3] * 3 + 0.1 * rng.standard_normal((72, 6))  # own class, own modality
+    out = MC.group_metrics(img, txt, labels, owners)
+    assert out["image_v_measure"] == pytest.approx(1.0) and out["text_v_measure"] == pytest.approx(1.0)
+    assert out["mixed_knn_accuracy"] == pytest.approx(1.0)
+    assert out["mixed_v_measure"] < 0.9  # the modalities are orthogonal: the mixed set splits by modality
+    near = np.eye(6)[labels[owners]] * 3 + 0.1 * rng.standard_normal((72, 6))  # captions at their class
+    same = MC.all_metrics(img, near, labels, text_image=owners)
+    assert same["mixed_v_measure"] == pytest.approx(1.0)
+    assert same["i2t_class_r1"] == same["t2i_class_r1"] == 1.0
+    shuffled = MC.all_metrics(img, near, labels, text_image=np.roll(owners, 24))  # captions of other classes
+    assert shuffled["t2i_class_r1"] == 0.0
+
+
+def test_single_caption_gives_exactly_the_paired_numbers():
+    rng = np.random.default_rng(6)
+    labels = np.repeat(np.arange(4), 10)
+    img = np.eye(8)[labels] + 0.5 * rng.standard_normal((40, 8))
+    txt = np.eye(8)[labels] + 0.5 * rng.standard_normal((40, 8))
+    ident = np.arange(40)
+    assert MC.all_metrics(img, txt, labels, text_image=ident) == M.all_metrics(img, txt, labels)
+    assert MC.all_metrics(img, txt, labels) == M.all_metrics(img, txt, labels)
+    caps = [f"c{i % 13}" for i in range(40)]
+    assert M.caption_retrieval_recall(img, txt, caps, text_image=ident) == M.caption_retrieval_recall(img, txt, caps)
+
+
+def test_first_captions():
+    assert MC.first_captions([2, 0, 2, 1, 0], 3).tolist() == [1, 3, 0]
+    with pytest.raises(ValueError, match="image row 1 has no caption"):
+        MC.first_captions([0, 2], 3)
+
+
+@pytest.mark.parametrize("owners, match", [
+    ([0, 1, 1], "one entry per caption row"),
+    ([0, 1, 5, 1], r"image rows in \[0, 3\)"),
+    ([0, 1, 1, 1], "1 image\\(s\\) have no caption"),
+    ([0.0, 1.0, 2.0, 1.0], "integer image rows"),
+])
+def test_bad_text_image(owners, match):
+    img, txt = np.eye(3, 4) + 0.1, np.ones((4, 4))
+    with pytest.raises(ValueError, match=match):
+        M.retrieval_recall(img, txt, text_image=np.array(owners))
+    with pytest.raises(ValueError, match="same number of rows"):
+        MC.gap_metrics(img, txt)
