@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import types
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -107,110 +106,10 @@ class TwoViews:
         return f"TwoViews(\n  base={self.base!r},\n  aug={self.aug!r})"
 
 
-class EDA:
-    """EDA-style caption perturbation (Wei & Zou 2019, the two operations that need no thesaurus):
-    drop each word with probability ``p_drop`` (at least one word is kept), then swap ``n_swap``
-    random pairs of words. Uses Python's ``random`` (seeded per DataLoader worker by torch)."""
-
-    def __init__(self, p_drop: float = 0.1, n_swap: int = 1):
-        self.p_drop, self.n_swap = float(p_drop), int(n_swap)
-
-    def __call__(self, caption: str, rng=random) -> str:
-        words = str(caption).split()
-        if not words:
-            return str(caption)
-        kept = [w for w in words if rng.random() >= self.p_drop] or [rng.choice(words)]
-        for _ in range(self.n_swap):
-            if len(kept) >= 2:
-                i, j = rng.sample(range(len(kept)), 2)
-                kept[i], kept[j] = kept[j], kept[i]
-        return " ".join(kept)
-
-
-class EDAPair:
-    """``--text-aug eda``: (the caption, its EDA copy)."""
-
-    def __init__(self, eda: Optional[EDA] = None):
-        self.eda = eda or EDA()
-
-    def __call__(self, text: str, rng=random) -> Tuple[str, str]:
-        return str(text), self.eda(text, rng)
-
-
-def split_captions(text: str) -> List[str]:
-    """The captions of one sample: the non-empty lines of its caption text, stripped."""
-    return [line.strip() for line in str(text).splitlines() if line.strip()]
-
-
-class CaptionPair:
-    """``--text-aug captions``: two DIFFERENT captions of the same sample, drawn at random each time
-    (several captions per sample, one per line of the sample's caption text, as in COCO-style and
-    recaptioned data: webdataset ``<key>.txt``, or a CSV caption cell). The first is the caption the
-    contrastive loss sees, the second its text view. A sample with a single caption falls back to
-    (caption, EDA copy); one with no caption keeps its text unchanged for both."""
-
-    def __init__(self, fallback: Optional[EDAPair] = None):
-        self.fallback = fallback or EDAPair()
-
-    def __call__(self, text: str, rng=random) -> Tuple[str, str]:
-        captions = split_captions(text)
-        if len(captions) >= 2:
-            i, j = rng.sample(range(len(captions)), 2)
-            return captions[i], captions[j]
-        return self.fallback(captions[0] if captions else str(text), rng)
-
-
-TEXT_VIEW_PAIRS = {"eda": EDAPair, "captions": CaptionPair}
-
-
-class TwoCaptions:
-    """Tokenizer wrapper: ``[N, 2, L]`` tokens (caption, its text view) for N caption texts;
-    ``pair(text) -> (caption, view)`` (:class:`EDAPair`, :class:`CaptionPair`)."""
-
-    def __init__(self, tokenizer: Callable, pair: Callable[[str], Tuple[str, str]]):
-        self.tokenizer, self.pair = tokenizer, pair
-
-    def __call__(self, texts, *args, **kwargs) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        pairs = [self.pair(t) for t in texts]
-        a = self.tokenizer([p[0] for p in pairs], *args, **kwargs)
-        b = self.tokenizer([p[1] for p in pairs], *args, **kwargs)
-        return torch.stack([a, b], dim=1)
-
-    def __getattr__(self, name):
-        if name in ("tokenizer", "pair"):
-            raise AttributeError(name)
-        return getattr(self.tokenizer, name)
-
-
-def wrap_get_data(get_data: Callable, get_args: Callable) -> Callable:
-    """open_clip_train's ``get_data`` whose TRAIN dataset tokenizes two captions per sample when
-    ``--text-aug`` is on; validation and ImageNet data keep the plain tokenizer."""
-
-    def get_data_with_text_views(args, preprocess_fns, epoch=0, tokenizer=None, **kwargs):
-        ours = get_args()
-        if ours is None or args is not ours or not registry.text_views_enabled(args) or tokenizer is None:
-            return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs)
-        eval_keys = ("val_data", "imagenet_val", "imagenet_v2")
-        saved = {k: getattr(args, k, None) for k in eval_keys + ("train_data", "dataset_type")}
-        try:
-            for k in eval_keys:
-                setattr(args, k, None)
-            data = get_data(args, preprocess_fns, epoch=epoch,
-                            tokenizer=TwoCaptions(tokenizer, TEXT_VIEW_PAIRS[args.text_aug]()), **kwargs)
-            for k in eval_keys:
-                setattr(args, k, saved[k])
-            if any(saved[k] for k in eval_keys):
-                args.train_data = None
-                if args.dataset_type == "synthetic":
-                    args.dataset_type = "auto"
-                data.update(get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs))
-        finally:
-            for k, v in saved.items():
-                setattr(args, k, v)
-        return data
-
-    return get_data_with_text_views
+# The text view (--text-aug): the caption pairs live in openclip_structure.captions, the tokenizer
+# wrapper and the train-data hook in openclip_structure.text_views; re-exported here.
+from .captions import EDA, CaptionPair, EDAPair, split_captions  # noqa: E402,F401
+from .text_views import TEXT_VIEW_PAIRS, TwoCaptions, wrap_get_data  # noqa: E402,F401
 
 
 # ---- model side --------------------------------------------------------------------------------
