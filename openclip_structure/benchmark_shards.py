@@ -17,7 +17,9 @@ The layout (``clip_benchmark.datasets.builder.build_wds_dataset``, dataset name 
 Class names and templates are resolved as by the evaluator (:func:`zeroshot.resolve_prompts`:
 the given files, else the files beside the shards, else the ``.cls`` ids and open_clip's simple
 templates), so CLIP_benchmark's zero-shot accuracy on OUT equals the evaluator's on ``--data``.
-For retrieval each sample keeps its one caption (CLIP_benchmark reads one caption a line).
+For retrieval each sample keeps its captions, one a line (CLIP_benchmark reads every line of the
+``.txt`` as a caption of the image, the COCO protocol the evaluator uses); blank lines and the
+spaces around a caption are dropped, as the evaluator drops them, so both score the same texts.
 """
 from __future__ import annotations
 
@@ -44,7 +46,9 @@ def write_benchmark_shards(pattern, out_dir, task: str = "classification", class
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    samples: List[Sample] = [Sample(key.replace("/", "_"), image, caption, label)
+    from .shard_encoding import sample_captions
+
+    samples: List[Sample] = [Sample(key.replace("/", "_"), image, "\n".join(sample_captions(caption)), label)
                              for key, image, caption, label in iter_shard_samples(pattern)]
     if not samples:
         raise DataError(f"no samples (image + txt caption) in {pattern}")

@@ -134,12 +134,13 @@ def load_heads(model, checkpoint) -> Optional[object]:
 def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, view_aug: str = "crop",
                            batch_size: int = 256, max_samples: Optional[int] = None, seed: int = 0) -> dict:
     """Encode the shards' pairs for the diagnostics: ``{"img_aug"[, "img_ind", "txt_ind"]}`` as
-    float32 arrays in shard order. ``img_aug``: the augmented view of each image (the training
+    float32 arrays in shard order (a multi-caption sample's text: its first caption). ``img_aug``: the augmented view of each image (the training
     view transform of :func:`openclip_structure.views.augmented_view_transform` on the model's
     validation preprocessing, seeded by ``seed``); ``*_ind``: the independent features of
     ``heads`` (from the same pooled outputs as the shared projection)."""
     import torch
 
+    from .shard_encoding import sample_captions
     from .shard_reader import _decode_image, iter_shard_samples
     from .views import augmented_view_transform, pooled_image, pooled_text
 
@@ -164,7 +165,7 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
             x = torch.stack([preprocess(im) for im in images]).to(dev)
             pooled, _ = pooled_image(model, x)
             out["img_ind"].append(heads["image"](pooled).float().cpu().numpy())
-            pooled, _ = pooled_text(model, tokenizer([c for _, _, c, _ in batch]).to(dev))
+            pooled, _ = pooled_text(model, tokenizer([sample_captions(c)[0] for _, _, c, _ in batch]).to(dev))
             out["txt_ind"].append(heads["text"](pooled).float().cpu().numpy())
         batch.clear()
 

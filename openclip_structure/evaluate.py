@@ -12,10 +12,12 @@ stripped, strict keys) or ``create_model_and_transforms("local-dir:DIR")`` for a
 (see :mod:`openclip_structure.export`); the bundled configs (``structure-*``) are registered
 first. Every sample of the webdataset shards (``<key>.png|jpg|...`` + ``<key>.txt``, optional
 ``<key>.cls`` integer label) is encoded with the model's validation preprocessing and its
-tokenizer, L2-normalised, and scored with :func:`openclip_structure.metrics.all_metrics`
+tokenizer, L2-normalised, and scored with :func:`openclip_structure.multicaption.all_metrics`
 (gap measures, retrieval; when every sample has a label and there are at least two classes:
 zero-shot classification (:mod:`openclip_structure.zeroshot`), class-level retrieval and
-group-level clustering / kNN / probe).
+group-level clustering / kNN / probe). A ``.txt`` with several lines holds several captions:
+each is its own text, scored with the COCO protocol (:mod:`openclip_structure.multicaption`);
+the per-term diagnostics and the embedding plot, defined on pairs, use each image's first caption.
 
 ``--shift`` adds the diagnostic of Liang et al. 2022 ("Mind the Gap"): both modalities are moved
 along the gap vector by ``alpha`` (:func:`metrics.shift_towards`; 0 = as trained, 1 = centroids
@@ -42,7 +44,9 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from . import multicaption as MC
 from . import zeroshot
+from .shard_encoding import encode_shards
 from .shard_reader import IMAGE_EXTS, DataError, _decode_image, _expand, iter_shard_samples  # noqa: F401
 from .eval_tables import format_metrics_table, format_shift_table
 from .export import CheckpointError
@@ -70,61 +74,6 @@ DEFAULT_ALPHAS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 # ----------------------------------------------------------------------------- shards and encoding
 
 
-@torch.no_grad()
-def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, device=None,
-                  max_samples: Optional[int] = None, stats: Optional[dict] = None):
-    """Encode the image-caption pairs of webdataset shards.
-
-    Returns ``(img [N, D] float32, txt [N, D] float32, labels [N] int64 or None)`` with
-    L2-normalised rows, pair ``i`` being sample ``i`` in shard order (the first
-    ``max_samples`` samples when given). ``labels`` is None unless every sample has a
-    ``.cls``. ``stats`` (a dict, optional) receives ``num_samples``, ``num_labelled``,
-    ``skipped``, ``shards`` and ``captions`` (the caption texts, in pair order). Raises :class:`DataError` when there is no complete sample.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    stats = {} if stats is None else stats
-    dev = next(model.parameters()).device if device is None else torch.device(device)
-    was_training = model.training
-    model.eval()
-    imgs, txts, labels, captions = [], [], [], []
-    batch: list = []
-
-    def flush():
-        if not batch:
-            return
-        x = torch.stack([preprocess(_decode_image(k, b)) for k, b, _, _ in batch]).to(dev)
-        t = tokenizer([c for _, _, c, _ in batch]).to(dev)
-        fi = model.encode_image(x, normalize=True)
-        ft = model.encode_text(t, normalize=True)
-        imgs.append(fi.float().cpu().numpy())
-        txts.append(ft.float().cpu().numpy())
-        labels.extend(lbl for _, _, _, lbl in batch)
-        captions.extend(c for _, _, c, _ in batch)
-        batch.clear()
-
-    try:
-        for sample in iter_shard_samples(pattern, stats):
-            if max_samples is not None and len(labels) + len(batch) >= max_samples:
-                break
-            batch.append(sample)
-            if len(batch) == batch_size:
-                flush()
-        flush()
-    finally:
-        model.train(was_training)
-    n = len(labels)
-    stats["num_samples"] = n
-    stats["num_labelled"] = sum(lbl is not None for lbl in labels)
-    stats["captions"] = captions
-    if n == 0:
-        raise DataError(f"no samples (image + txt caption) in {pattern}"
-                        + (f" ({stats['skipped']} incomplete samples skipped)" if stats.get("skipped") else ""))
-    img, txt = np.concatenate(imgs), np.concatenate(txts)
-    y = np.asarray(labels, dtype=np.int64) if stats["num_labelled"] == n else None
-    return img, txt, y
-
-
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -141,47 +90,52 @@ def _labels_note(labels, stats: dict) -> Optional[str]:
 
 
 def shift_diagnostic(img, txt, labels=None, alphas: Sequence[float] = DEFAULT_ALPHAS, k: Optional[int] = None,
-                     seed: int = 0) -> List[dict]:
+                     seed: int = 0, text_image=None) -> List[dict]:
     """Liang et al. 2022 shift: metrics after :func:`metrics.shift_towards` for each alpha.
 
     Rows ``{"alpha", "gap", "cos_true_pairs", "i2t_r1", "t2i_r1"[, "mixed_v_measure"]}``
-    (the V-measure of k-means on the mixed image+text set, when labels are given).
+    (the V-measure of k-means on the mixed image+text set, when labels are given). With
+    ``text_image`` (several captions per image) the COCO protocol of :mod:`multicaption`.
     """
+    owners = MC.caption_owners(text_image, len(img), len(txt))
     rows = []
     for alpha in alphas:
         a, b = M.shift_towards(img, txt, float(alpha))
-        row = {"alpha": float(alpha), "gap": M.modality_gap(a, b), "cos_true_pairs": M.cos_true_pairs(a, b)}
-        row.update(M.retrieval_recall(a, b, ks=(1,)))
+        row = {"alpha": float(alpha), "gap": MC.modality_gap(a, b, owners),
+               "cos_true_pairs": MC.cos_true_pairs(a, b, owners)}
+        row.update(M.retrieval_recall(a, b, ks=(1,), text_image=owners))
         if labels is not None:
             y = np.asarray(labels)
-            row["mixed_v_measure"] = M.cluster_scores(np.concatenate([a, b]), np.concatenate([y, y]),
+            row["mixed_v_measure"] = M.cluster_scores(np.concatenate([a, b]),
+                                                      np.concatenate([y, y if owners is None else y[owners]]),
                                                       k=k, seed=seed)["v_measure"]
         rows.append(row)
     return rows
 
 
 def evaluate_embeddings(img, txt, labels=None, *, seed: int = 0, k: Optional[int] = None, shift: bool = False,
-                        alphas: Sequence[float] = DEFAULT_ALPHAS) -> dict:
-    """``{"metrics": all_metrics(...)[, "shift": rows]}`` for precomputed embeddings.
+                        alphas: Sequence[float] = DEFAULT_ALPHAS, text_image=None) -> dict:
+    """``{"metrics": all_metrics(...)[, "shift": rows]}`` for precomputed embeddings (``text_image``:
+    the image row of each caption row, for several captions per image).
 
-    ``labels`` with fewer than two classes are ignored (group metrics need two).
+    ``labels`` (one per image) with fewer than two classes are ignored (group metrics need two).
     """
     if labels is not None and np.unique(labels).size < 2:
         labels = None
-    out = {"metrics": M.all_metrics(img, txt, labels, k=k, seed=seed)}
+    out = {"metrics": MC.all_metrics(img, txt, labels, text_image=text_image, k=k, seed=seed)}
     if shift:
-        out["shift"] = shift_diagnostic(img, txt, labels, alphas=alphas, k=k, seed=seed)
+        out["shift"] = shift_diagnostic(img, txt, labels, alphas=alphas, k=k, seed=seed, text_image=text_image)
     return out
 
 
 def labelled_metrics(model, tokenizer, img, txt, labels, pattern=None, classnames_file=None, templates_file=None,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, text_image=None) -> dict:
     """The measures that need labels, as used by ``--val-data`` validation: group metrics
-    (:func:`metrics.group_metrics`), class-level retrieval and zero-shot classification
+    (:func:`multicaption.group_metrics`), class-level retrieval and zero-shot classification
     (``zeroshot_top1`` ..., prompts from :func:`zeroshot.resolve_prompts`)."""
     out = zeroshot.zero_shot_metrics(model, tokenizer, img, labels, pattern, classnames_file, templates_file)[0]
-    out.update(M.class_retrieval_recall(img, txt, labels))
-    out.update(M.group_metrics(img, txt, labels, seed=seed))
+    out.update(M.class_retrieval_recall(img, txt, labels, text_image=text_image))
+    out.update(MC.group_metrics(img, txt, labels, text_image, seed=seed))
     return out
 
 
@@ -211,7 +165,8 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     class names and templates from ``zeroshot_classnames`` / ``zeroshot_templates`` files, else
     from the files beside the shards, else the ``.cls`` ids and open_clip's simple templates).
     Returns a JSON-serialisable dict: ``label``, ``model``, ``pretrained``, ``data``,
-    ``num_samples``, ``num_classes`` (None without labels), ``labels_used``, ``labels_note``
+    ``num_samples`` (images), ``num_texts`` (captions: more than ``num_samples`` when a ``.txt``
+    holds several lines, each then scored as its own text, the COCO protocol), ``num_classes`` (None without labels), ``labels_used``, ``labels_note``
     (why group metrics were skipped, else None), ``metrics`` (flat dict of floats),
     ``zeroshot_prompts`` (class names, templates and their source, with labels), ``shift`` (with
     ``shift=True``), ``plots`` (paths, with ``plots_dir``) and timings. ``diagnostics=True`` adds
@@ -227,8 +182,10 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     t1 = time.perf_counter()
     note = _labels_note(labels, stats)
     used = labels if note is None else None
-    res = evaluate_embeddings(img, txt, used, seed=seed, k=k, shift=shift, alphas=alphas)
-    res["metrics"].update(M.caption_retrieval_recall(img, txt, stats["captions"]))
+    owners = MC.caption_owners(stats["text_image"], len(img), len(txt))
+    res = evaluate_embeddings(img, txt, used, seed=seed, k=k, shift=shift, alphas=alphas, text_image=owners)
+    res["metrics"].update(M.caption_retrieval_recall(img, txt, stats["captions"], text_image=owners))
+    paired = txt if owners is None else txt[MC.first_captions(owners, len(img))]  # one caption per image
     if used is not None:
         zs, res["zeroshot_prompts"] = zeroshot.zero_shot_metrics(model, tokenizer, img, used, data,
                                                                  zeroshot_classnames, zeroshot_templates)
@@ -239,7 +196,7 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
         heads = D.load_heads(model, pretrained)
         views = D.encode_structure_views(model, preprocess, tokenizer, data, heads, batch_size=batch_size,
                                          max_samples=max_samples, seed=seed)
-        res["metrics"].update(D.structure_diagnostics(img, txt, used, seed=seed, **views))
+        res["metrics"].update(D.structure_diagnostics(img, paired, used, seed=seed, **views))
         res["separation_heads"] = heads is not None
     t2 = time.perf_counter()
     out = {
@@ -248,6 +205,7 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
         "pretrained": pretrained,
         "data": str(data),
         "num_samples": int(img.shape[0]),
+        "num_texts": int(txt.shape[0]),
         "embed_dim": int(img.shape[1]),
         "num_classes": int(np.unique(labels).size) if labels is not None else None,
         "labels_used": used is not None,
@@ -260,7 +218,7 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
 
         d = Path(plots_dir)
         out["plots"] = {"embeddings": plots.plot_embeddings(
-            img, txt, labels, d / f"embeddings_{_safe(label)}.png", method=plot_method, seed=seed,
+            img, paired, labels, d / f"embeddings_{_safe(label)}.png", method=plot_method, seed=seed,
             title=f"{label}: gap {out['metrics']['gap']:.3f}, {img.shape[0]} pairs")}
         if shift:
             out["plots"]["shift"] = plots.plot_shift_curve({label: out["shift"]}, d / f"shift_{_safe(label)}.png",

@@ -31,7 +31,8 @@ from . import metrics as M
 from .embedding_input import _labels, _mean
 from .retrieval import _unpaired, caption_owners
 
-__all__ = ["caption_owners", "first_captions", "gap_metrics", "group_metrics", "all_metrics"]
+__all__ = ["caption_owners", "first_captions", "modality_gap", "cos_true_pairs", "gap_metrics", "group_metrics",
+           "all_metrics"]
 
 
 def first_captions(text_image, n_images: int) -> np.ndarray:
@@ -43,6 +44,18 @@ def first_captions(text_image, n_images: int) -> np.ndarray:
     if (first < 0).any():
         raise ValueError(f"image row {int(np.argmax(first < 0))} has no caption")
     return first
+
+
+def modality_gap(img, txt, text_image=None) -> float:
+    """:func:`metrics.modality_gap`: the centroid of the images vs the centroid of the captions."""
+    a, b, owners = _unpaired(img, txt, text_image)
+    return M.modality_gap(img, txt) if owners is None else float(np.linalg.norm(_mean(a) - _mean(b)))
+
+
+def cos_true_pairs(img, txt, text_image=None) -> float:
+    """:func:`metrics.cos_true_pairs` over the (image, caption) pairs, one per caption."""
+    a, b, owners = _unpaired(img, txt, text_image)
+    return M.cos_true_pairs(img, txt) if owners is None else M.cos_true_pairs(a[owners], b)
 
 
 def _separability(a: np.ndarray, b: np.ndarray, owners: np.ndarray, seed: int) -> float:
@@ -78,8 +91,8 @@ def gap_metrics(img, txt, text_image=None, ks: Sequence[int] = (1, 5, 10), seed:
     if owners is None:
         return M.gap_metrics(img, txt, ks=ks, seed=seed)
     out = {
-        "gap": float(np.linalg.norm(_mean(a) - _mean(b))),
-        "cos_true_pairs": M.cos_true_pairs(a[owners], b),
+        "gap": modality_gap(a, b, owners),
+        "cos_true_pairs": cos_true_pairs(a, b, owners),
         "intra_image_cos": M.mean_intra_modal_cosine(a),
         "intra_text_cos": M.mean_intra_modal_cosine(b),
         "uniformity": M.fang_of_stack(a, b),

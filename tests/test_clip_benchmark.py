@@ -152,3 +152,77 @@ def test_clip_benchmark_accuracy_equals_evaluator(digits, tmp_path):
     # torch.topk breaks arbitrarily (the reason class-level retrieval exists).
     for k in (1, 5):
         assert ret[f"image_retrieval_recall@{k}"] == pytest.approx(ours[f"t2i_r{k}"], abs=0.5 / n)
+
+
+# ----------------------------------------------------------------------------- several captions per image
+
+CB_RETRIEVAL = r"""
+import json, sys, torch
+from clip_benchmark.datasets.builder import build_dataset
+from clip_benchmark.metrics import zeroshot_retrieval
+from clip_benchmark.models import load_clip
+model_dir, root = sys.argv[1:3]
+model, transform, tokenizer = load_clip(model_type="open_clip", model_name="local-dir:" + model_dir,
+                                        pretrained="none", cache_dir=None, device="cpu")
+model.eval()
+ds = build_dataset("wds/multi", root=root, transform=transform, split="test", task="zeroshot_retrieval")
+dl = torch.utils.data.DataLoader(ds.batched(32), batch_size=None, shuffle=False, num_workers=0)
+print("RESULT" + json.dumps(zeroshot_retrieval.evaluate(model, dl, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])))
+"""
+
+
+def multi_caption_samples(n=120):
+    """Digits with 1, 2 or 3 captions each (one a line, all texts distinct), a blank line and
+    spaces around some of them (dropped by both readers)."""
+    out = []
+    for i, s in enumerate(digits_samples()[:n]):
+        lines = [f"{s.caption}, picture {i}", f"  the number {DIGIT_WORDS[s.label]} in picture {i} ",
+                 f"picture {i}: a handwritten {s.label}"][: 1 + i % 3]
+        out.append(Sample(f"m{i:04d}", s.image, ("\n\n" if i % 5 == 0 else "\n").join(lines), s.label))
+    return out
+
+
+@pytest.mark.slow
+def test_clip_benchmark_multi_caption_retrieval_equals_coco_protocol(tmp_path):
+    """The same multi-caption shards: CLIP_benchmark's zeroshot_retrieval (every .txt line a caption;
+    image->text hit when any caption is in the top k; text->image per caption) and the evaluator's
+    COCO protocol give the same recalls; the joined-caption reading of before gives others."""
+    cb = _clip_benchmark_dir()
+    from openclip_structure.main import register_model_configs
+    import open_clip
+
+    samples = multi_caption_samples()
+    src = write_shards(samples, tmp_path / "multi", num_shards=2)["pattern"]
+    register_model_configs()
+    torch.manual_seed(1)
+    model = open_clip.create_model(MODEL)
+    ckpt = tmp_path / "epoch_0.pt"
+    torch.save({"epoch": 0, "state_dict": model.state_dict()}, ckpt)
+    export.export_checkpoint(MODEL, ckpt, tmp_path / "exported")
+    write_benchmark_shards(src, tmp_path / "cb_multi", task="retrieval", samples_per_shard=50)
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(cb)
+    res = subprocess.run([sys.executable, "-c", CB_RETRIEVAL, str(tmp_path / "exported"), str(tmp_path / "cb_multi")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cbm = json.loads(res.stdout.split("RESULT", 1)[1])
+    out = evaluate.evaluate_checkpoint(MODEL, str(ckpt), src, device="cpu")
+    ours = out["metrics"]
+    n_img, n_txt = 120, sum(1 + i % 3 for i in range(120))
+    assert (out["num_samples"], out["num_texts"]) == (n_img, n_txt) == (120, 240)
+    print("\nCOCO protocol, 120 images / 240 captions (random-init structure-tiny):")
+    for k in (1, 5, 10):
+        print(f"  R@{k}: evaluator i2t {ours[f'i2t_r{k}']:.4f} t2i {ours[f't2i_r{k}']:.4f} | CLIP_benchmark "
+              f"text_retrieval {cbm[f'text_retrieval_recall@{k}']:.4f} image_retrieval {cbm[f'image_retrieval_recall@{k}']:.4f}")
+        # CLIP_benchmark: text_retrieval = image query -> captions (i2t), image_retrieval = caption -> images (t2i)
+        assert cbm[f"text_retrieval_recall@{k}"] == pytest.approx(ours[f"i2t_r{k}"], abs=0.5 / n_img)
+        assert cbm[f"image_retrieval_recall@{k}"] == pytest.approx(ours[f"t2i_r{k}"], abs=0.5 / n_txt)
+    assert 0 < ours["t2i_r10"] < 1 and 0 < ours["i2t_r10"] < 1  # non-trivial recalls
+    # the old reading (each sample's lines joined into one text) scores other texts
+    m, preprocess, tok = evaluate.load_model(MODEL, str(ckpt), "cpu")
+    img, txt, _ = evaluate.encode_shards(m, preprocess, tok, src)
+    joined = np.stack([m.encode_text(tok([s.caption.strip()]), normalize=True)[0].detach().numpy() for s in samples])
+    old = evaluate.M.retrieval_recall(img, joined)
+    print("  joined captions (before):", {k: round(v, 4) for k, v in old.items()})
+    assert any(old[f"t2i_r{k}"] != pytest.approx(ours[f"t2i_r{k}"], abs=0.5 / n_txt) for k in (1, 5, 10))

@@ -152,3 +152,65 @@ def test_bad_text_image(owners, match):
         M.retrieval_recall(img, txt, text_image=np.array(owners))
     with pytest.raises(ValueError, match="same number of rows"):
         MC.gap_metrics(img, txt)
+
+
+# ----------------------------------------------------------------------------- the evaluator
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    import open_clip
+    import torch
+
+    from openclip_structure.main import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "epoch_0.pt"
+    torch.save({"epoch": 0, "state_dict": open_clip.create_model("structure-tiny").state_dict()}, path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_evaluator_scores_every_caption(random_checkpoint, tmp_path):
+    """Multi-caption shards: every line is its own text (num_texts), retrieval and gap measures equal a
+    plain loop over embeddings computed here caption by caption; single-caption shards give exactly
+    the paired measures, num_texts == num_samples."""
+    import json
+    import torch
+
+    from openclip_structure import evaluate
+    from openclip_structure.shards import Sample, digits_samples, write_shards
+
+    base = digits_samples()[:60]
+    lines = [[f"{s.caption}, picture {i}", f"the digit {s.label}, image {i}", f"picture {i}"][: 1 + i % 3]
+             for i, s in enumerate(base)]
+    multi = write_shards([Sample(s.key, s.image, "\n".join(c), s.label) for s, c in zip(base, lines)],
+                         tmp_path / "multi", num_shards=2)["pattern"]
+    assert evaluate.main(["--model", "structure-tiny", "--pretrained", random_checkpoint, "--data", multi,
+                          "--out", str(tmp_path / "res.json")]) == 0
+    res = next(iter(json.loads((tmp_path / "res.json").read_text())["checkpoints"].values()))
+    assert (res["num_samples"], res["num_texts"]) == (60, 120)
+    model, preprocess, tok = evaluate.load_model("structure-tiny", random_checkpoint, "cpu")
+    with torch.no_grad():
+        img = np.stack([model.encode_image(preprocess(evaluate._decode_image(s.key, s.image))[None],
+                                           normalize=True)[0].numpy() for s in base])
+        caps = [(i, c) for i, cs in enumerate(lines) for c in cs]
+        txt = np.stack([model.encode_text(tok([c]), normalize=True)[0].numpy() for _, c in caps])
+    owners = np.array([i for i, _ in caps])
+    want = _loop_recall(img, txt, owners, (1, 5, 10))
+    for key, value in want.items():
+        assert res["metrics"][key] == pytest.approx(value, abs=1e-9), key
+    assert res["metrics"]["gap"] == pytest.approx(np.linalg.norm(_unit(img).mean(0) - _unit(txt).mean(0)), abs=1e-5)
+    assert res["metrics"]["cos_true_pairs"] == pytest.approx(np.mean(np.sum(img[owners] * txt, 1)), abs=1e-5)
+    assert res["metrics"]["i2t_caption_r1"] == res["metrics"]["i2t_r1"]  # every text distinct
+
+    single = write_shards([Sample(s.key, s.image, c[0], s.label) for s, c in zip(base, lines)],
+                          tmp_path / "single", num_shards=1)["pattern"]
+    one = evaluate.evaluate_checkpoint("structure-tiny", random_checkpoint, single, device="cpu")
+    assert one["num_texts"] == one["num_samples"] == 60
+    stats = {}
+    i1, t1, y1 = evaluate.encode_shards(model, preprocess, tok, single, stats=stats)
+    assert stats["text_image"].tolist() == list(range(60))
+    paired = M.all_metrics(i1, t1, y1)
+    assert {k: one["metrics"][k] for k in paired} == paired  # exactly the paired protocol
