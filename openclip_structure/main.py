@@ -6,9 +6,9 @@
 The hooks themselves are in :mod:`openclip_structure.integration` (one module per concern). How
 they reach open_clip depends on what is installed:
 
-* open_clip_train with the hook patch (``patches/``) and this plugin registered: open_clip calls
-  the hooks itself (:mod:`openclip_structure.plugin`); the launcher only calls
-  ``open_clip_train.main.main(argv)`` and replaces nothing;
+* open_clip_train with the hook patch (``python -m openclip_structure.patch``) and this plugin
+  registered: open_clip calls the hooks itself (:mod:`openclip_structure.plugin`); the launcher
+  only calls ``open_clip_train.main.main(argv)`` and replaces nothing;
 * an unpatched open_clip_train 3.x: :mod:`openclip_structure.integration.shim` replaces the names
   of its table inside open_clip_train's modules while the run lasts (checked at startup);
 * open_clip main (4.x dev, task API): :mod:`openclip_structure.integration.task`.

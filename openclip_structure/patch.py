@@ -1,17 +1,18 @@
-#!/usr/bin/env python
-"""Apply (or check, or revert) open_clip_train's generic plugin hook.
+"""Apply (or check, or revert) open_clip's generic plugin hook (the patches shipped in this package).
 
-    python scripts/apply_open_clip_patch.py            # patch the installed open_clip_train
-    python scripts/apply_open_clip_patch.py --check    # dry run: report the state, change nothing
-    python scripts/apply_open_clip_patch.py --revert   # undo
-    python scripts/apply_open_clip_patch.py --target DIR   # DIR contains open_clip_train/
-                                                       # (site-packages, or an open_clip src/)
+    python -m openclip_structure.patch                # patch the open_clip this Python imports
+    python -m openclip_structure.patch --check        # dry run: report the state, change nothing
+    python -m openclip_structure.patch --revert       # undo (--check --revert: dry run)
+    python -m openclip_structure.patch --target DIR   # DIR contains open_clip_train/ (or training/):
+                                                      # site-packages, or an open_clip checkout's src/
 
-The patch (``patches/open_clip_train-3.x-plugins.patch``) is for open_clip_torch 3.x; other
-versions are refused (``--force`` skips the version check, the hunks must still match exactly).
-It is applied with the ``patch`` program when there is one, else with the small unified-diff
-applier below; either way every hunk must match (no fuzz) or nothing is changed. Applying twice
-reports "already applied"; exit status 0 = done / nothing to do, 1 = refused.
+The patch follows the layout it finds: ``open_clip_train/`` (open_clip_torch 3.x):
+``patches/open_clip_train-3.x-plugins.patch``; ``training/`` (the legacy 2.16 - 2.24):
+``patches/training-2.x-plugins.patch``. Other versions are refused (``--force`` skips the version
+check; the hunks must still match exactly); open_clip main (4.x dev) needs no patch, the launcher
+uses its task API. It is applied with the ``patch`` program when there is one, else with
+:mod:`openclip_structure.unified_diff`; either way every hunk must match (no fuzz) or nothing is
+changed. Applying twice reports "already applied"; exit status 0 = done / nothing to do, 1 = refused.
 """
 from __future__ import annotations
 
@@ -23,118 +24,27 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATCH = ROOT / "patches" / "open_clip_train-3.x-plugins.patch"
-LEGACY_PATCH = ROOT / "patches" / "training-2.x-plugins.patch"
+from .unified_diff import FilePatch, apply_hunks, parse_patch
+
+PATCHES = Path(__file__).resolve().parent / "patches"
+DEFAULT_PATCH = PATCHES / "open_clip_train-3.x-plugins.patch"
+LEGACY_PATCH = PATCHES / "training-2.x-plugins.patch"
 PACKAGE = "open_clip_train"
+LEGACY_PACKAGE = "training"
 SUPPORTED_MAJOR = 3
+#: the legacy patch's versions (module ``training``), first and last minor of 2.x
+LEGACY_MINORS = (16, 24)
+COMMAND = "python -m openclip_structure.patch"
+GUIDE = PATCHES / "README.md"
 #: versions outside 3.x that the 3.x patch was checked to apply to (usable with --force)
 ALSO_APPLIES: Tuple[str, ...] = ()  # (2.32.0 took the earlier, smaller patch; not this one)
 
 
 class Refused(Exception):
     """The patch cannot be applied / reverted here; the message says why."""
-
-
-# ---------------------------------------------------------------- unified diff parsing & applying
-@dataclass
-class Hunk:
-    old_start: int
-    new_start: int
-    lines: List[str]  # each with its leading ' ', '-' or '+'
-
-    def side(self, reverse: bool) -> Tuple[int, List[str], List[str]]:
-        """(1-based start, lines to find, lines to put) for applying forward or in reverse."""
-        old = [line[1:] for line in self.lines if line[0] in " -"]
-        new = [line[1:] for line in self.lines if line[0] in " +"]
-        return (self.new_start, new, old) if reverse else (self.old_start, old, new)
-
-
-@dataclass
-class FilePatch:
-    path: str  # relative to the target directory (after stripping a/ and b/)
-    creates: bool = False
-    deletes: bool = False
-    hunks: List[Hunk] = field(default_factory=list)
-
-
-_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
-
-
-def _strip(path: str) -> Optional[str]:
-    path = path.split("\t")[0].strip()
-    if path == "/dev/null":
-        return None
-    return path.split("/", 1)[1] if "/" in path else path  # -p1
-
-
-def parse_patch(text: str) -> List[FilePatch]:
-    lines = text.splitlines(keepends=True)
-    files: List[FilePatch] = []
-    i = 0
-    while i < len(lines):
-        if not (lines[i].startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ ")):
-            i += 1
-            continue
-        old, new = _strip(lines[i][4:]), _strip(lines[i + 1][4:])
-        fp = FilePatch(path=new or old, creates=old is None, deletes=new is None)
-        files.append(fp)
-        i += 2
-        while i < len(lines) and lines[i].startswith("@@"):
-            m = _HUNK.match(lines[i])
-            if not m:
-                raise ValueError(f"bad hunk header: {lines[i]!r}")
-            old_n = 1 if m.group(2) is None else int(m.group(2))
-            new_n = 1 if m.group(4) is None else int(m.group(4))
-            hunk = Hunk(int(m.group(1)), int(m.group(3)), [])
-            i += 1
-            while old_n > 0 or new_n > 0:
-                if i >= len(lines):
-                    raise ValueError(f"{fp.path}: truncated hunk")
-                line = lines[i]
-                if line.startswith("\\"):  # "\ No newline at end of file"
-                    hunk.lines[-1] = hunk.lines[-1].rstrip("\r\n")
-                    i += 1
-                    continue
-                tag = line[0] if line not in ("\n", "\r\n") else " "
-                if line in ("\n", "\r\n"):
-                    line = " " + line
-                if tag not in " -+":
-                    raise ValueError(f"{fp.path}: bad hunk line {line!r}")
-                hunk.lines.append(line)
-                old_n -= tag in " -"
-                new_n -= tag in " +"
-                i += 1
-            if i < len(lines) and lines[i].startswith("\\"):
-                hunk.lines[-1] = hunk.lines[-1].rstrip("\r\n")
-                i += 1
-            fp.hunks.append(hunk)
-    if not files:
-        raise ValueError("no file in the patch")
-    return files
-
-
-def apply_hunks(lines: List[str], hunks: List[Hunk], reverse: bool = False) -> List[str]:
-    """``lines`` with the hunks applied; every hunk must match exactly (its position may move,
-    nearest match first), else ValueError naming the hunk."""
-    out: List[str] = []
-    pos, offset = 0, 0
-    for n, hunk in enumerate(hunks, 1):
-        start, find, put = hunk.side(reverse)
-        want = (start if not find else start - 1) + offset
-        candidates = sorted(range(pos, len(lines) - len(find) + 1), key=lambda k: (abs(k - want), k))
-        at = next((k for k in candidates if lines[k:k + len(find)] == find), None)
-        if at is None:
-            first = next((line.rstrip("\n") for line in find if line.strip()), "")
-            raise ValueError(f"hunk #{n} (near line {start}) does not match: expected {len(find)} lines "
-                             f"starting around {first!r}")
-        out += lines[pos:at] + put
-        pos, offset = at + len(find), at - (start if not find else start - 1)
-    return out + lines[pos:]
 
 
 def file_state(target: Path, fp: FilePatch) -> Tuple[str, Optional[str]]:
@@ -166,12 +76,13 @@ def file_state(target: Path, fp: FilePatch) -> Tuple[str, Optional[str]]:
     return "bad", f"{fp.path}: {errors[0]}"
 
 
-def patch_state(target: Path, files: List[FilePatch]) -> str:
+def patch_state(target: Path, files: List[FilePatch], patch_name: str = "") -> str:
     """'clean' (not applied), 'applied'; raises Refused for anything else."""
     states = {fp.path: file_state(target, fp) for fp in files}
     bad = [reason for state, reason in states.values() if state == "bad"]
     if bad:
-        raise Refused("the patch does not match these files (modified, or another open_clip version):\n  "
+        raise Refused(f"the patch {patch_name} does not match these files (modified, or another open_clip "
+                      "version):\n  "
                       + "\n  ".join(bad))
     if all(state == "patched" for state, _ in states.values()):
         return "applied"
@@ -179,7 +90,7 @@ def patch_state(target: Path, files: List[FilePatch]) -> str:
     # a file the patch creates may be left over from an earlier install: identical, so harmless
     if all(states[fp.path][0] == "clean" for fp in edited):
         return "clean"
-    raise Refused("the patch is partly applied: patched " + ", ".join(
+    raise Refused(f"the patch {patch_name} is partly applied: patched " + ", ".join(
         p for p, (s, _) in states.items() if s == "patched") + "; unpatched " + ", ".join(
         p for p, (s, _) in states.items() if s == "clean")
         + ". Reinstall open_clip_torch (pip install --force-reinstall --no-deps open_clip_torch==<version>).")
@@ -234,20 +145,24 @@ def binary_apply(target: Path, patch_file: Path, reverse: bool) -> None:
 
 # ------------------------------------------------------------------------------ target & version
 def find_target(target: Optional[str]) -> Path:
+    """The directory holding ``open_clip_train/`` (or the legacy ``training/``): ``target``, or the
+    one this Python imports."""
     if target is not None:
         path = Path(target).resolve()
-        if path.name == PACKAGE and (path / "main.py").exists():  # the package folder itself
+        if path.name in (PACKAGE, LEGACY_PACKAGE) and (path / "main.py").exists():  # the package folder itself
             path = path.parent
         if not path.is_dir():
             raise Refused(f"--target {target}: not a directory")
         return path
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        legacy = importlib.util.find_spec("training")
-        hint = (" (found the 2.x module `training`: see the legacy route in patches/README.md)"
-                if legacy is not None else "")
-        raise Refused(f"no installed `{PACKAGE}` package in this Python ({sys.executable}){hint}; "
-                      "install open_clip_torch[training]>=3 or give --target DIR")
+        legacy = importlib.util.find_spec(LEGACY_PACKAGE)
+        if legacy is not None and legacy.submodule_search_locations:
+            site = Path(list(legacy.submodule_search_locations)[0]).resolve().parent
+            if (site / "open_clip").is_dir():  # open_clip 2.x's `training`, not some other package of that name
+                return site
+        raise Refused(f"no installed `{PACKAGE}` (open_clip_torch 3.x) or open_clip 2.x `{LEGACY_PACKAGE}` in this "
+                      f"Python ({sys.executable}); install open_clip_torch[training] or give --target DIR")
     return Path(list(spec.submodule_search_locations)[0]).resolve().parent
 
 
@@ -265,30 +180,29 @@ def detect_version(target: Path) -> Tuple[Optional[str], str]:
     return None, ""
 
 
+def _unknown() -> str:
+    return ("version unknown (no open_clip/version.py or open_clip_torch-*.dist-info next to it); relying on the "
+            "exact hunk check")
+
+
 def check_version(target: Path, force: bool) -> str:
-    if not (target / PACKAGE / "main.py").exists():
-        if (target / "training" / "main.py").exists():
-            raise Refused(f"{target} holds open_clip 2.x's `training` module (open_clip_torch 2.6 - 2.24), not "
-                          f"`{PACKAGE}`: this patch is for open_clip_torch 3.x. For 2.16 - 2.24 apply "
-                          f"{LEGACY_PATCH.relative_to(ROOT)} by hand: cd {target} && patch -p1 < {LEGACY_PATCH} "
-                          "(see patches/README.md, 'Legacy route').")
-        raise Refused(f"{target} has no {PACKAGE}/main.py: give --target the directory that contains "
-                      f"{PACKAGE}/ (site-packages, or an open_clip checkout's src/)")
+    """The 3.x layout (``open_clip_train/``): refuses anything but open_clip_torch 3.x."""
     version, where = detect_version(target)
     if version is None:
-        return "version unknown (no open_clip/version.py or open_clip_torch-*.dist-info next to it); " \
-               "relying on the exact hunk check"
+        return _unknown()
     major = version.split(".")[0]
     if major != str(SUPPORTED_MAJOR):
         if force:
             return f"open_clip_torch {version} (from {where}); --force: version check skipped"
         if major == "2" and version not in ALSO_APPLIES:
-            extra = (f" open_clip 2.x up to 2.24 ships the module `training`: use "
-                     f"{LEGACY_PATCH.relative_to(ROOT)} (patches/README.md, 'Legacy route'); 2.26 - 2.32 "
-                     "ship an older open_clip_train: upgrade to open_clip_torch 3.x, or try --force "
-                     "(the hunks must still match).")
+            extra = (" 2.26 - 2.32 ship an older open_clip_train: upgrade to open_clip_torch 3.x, or try --force "
+                     "(the hunks must still match). Up to 2.24 open_clip ships the module `training`, which "
+                     f"{COMMAND} patches with {LEGACY_PATCH.name}.")
         elif version in ALSO_APPLIES:
             extra = f" The patch was checked to apply to {version} too: rerun with --force to use it."
+        elif major.isdigit() and int(major) > SUPPORTED_MAJOR:
+            extra = (" open_clip main (4.x dev, task API) needs no patch: the launcher `python -m "
+                     "openclip_structure.main` hooks its task API.")
         else:
             extra = ""
         raise Refused(f"open_clip_torch {version} (from {where}) is not supported: this patch is for "
@@ -296,24 +210,55 @@ def check_version(target: Path, force: bool) -> str:
     return f"open_clip_torch {version}"
 
 
+def check_legacy_version(target: Path, force: bool) -> str:
+    """The legacy layout (``training/``): open_clip_torch 2.16 - 2.24."""
+    version, where = detect_version(target)
+    if version is None:
+        return _unknown()
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
+    first, last = LEGACY_MINORS
+    if numbers[:1] == [2] and len(numbers) == 2 and first <= numbers[1] <= last:
+        return f"open_clip_torch {version}, module `{LEGACY_PACKAGE}`"
+    if force:
+        return f"open_clip_torch {version} (from {where}), module `{LEGACY_PACKAGE}`; --force: version check skipped"
+    raise Refused(f"open_clip_torch {version} (from {where}) is not supported: {LEGACY_PATCH.name} is for the "
+                  f"module `{LEGACY_PACKAGE}` of open_clip_torch 2.{first} - 2.{last}. Older 2.x: add the hook by "
+                  f"hand ('Legacy route' in {GUIDE}), or upgrade to open_clip_torch 3.x.")
+
+
+def select_patch(target: Path, force: bool) -> Tuple[Path, str]:
+    """(the patch for the layout in ``target``, what was found there)."""
+    if (target / PACKAGE / "main.py").exists():
+        return DEFAULT_PATCH, check_version(target, force)
+    if (target / LEGACY_PACKAGE / "main.py").exists():
+        return LEGACY_PATCH, check_legacy_version(target, force)
+    raise Refused(f"{target} has no {PACKAGE}/main.py (open_clip_torch 3.x) nor {LEGACY_PACKAGE}/main.py (2.16 - "
+                  f"2.24): give --target the directory that contains it (site-packages, or an open_clip "
+                  "checkout's src/)")
+
+
 # ------------------------------------------------------------------------------------------ main
 def run(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", help=f"directory containing {PACKAGE}/ (default: the installed one)")
+    p.add_argument("--target", help=f"directory containing {PACKAGE}/ or {LEGACY_PACKAGE}/ (default: the installed one)")
     p.add_argument("--check", action="store_true", help="dry run: report what would happen, change nothing")
     p.add_argument("--revert", action="store_true", help="undo the patch")
     p.add_argument("--force", action="store_true", help="skip the open_clip version check (hunks must still match)")
-    p.add_argument("--patch", default=str(DEFAULT_PATCH), help="the patch file (default: %(default)s)")
+    p.add_argument("--patch", default=None,
+                   help=f"the patch file (default: {DEFAULT_PATCH.name} or {LEGACY_PATCH.name} from {PATCHES}, "
+                        "by the layout found)")
     p.add_argument("--python-applier", action="store_true",
                    help="use the built-in applier even when the `patch` program is available")
     a = p.parse_args(argv)
     try:
         target = find_target(a.target)
-        about = check_version(target, a.force)
-        where = f"{target / PACKAGE} ({about})"
-        files = parse_patch(Path(a.patch).read_text())
-        state = patch_state(target, files)
+        patch_file, about = select_patch(target, a.force)
+        patch_file = Path(a.patch) if a.patch else patch_file
+        package = PACKAGE if (target / PACKAGE / "main.py").exists() else LEGACY_PACKAGE
+        where = f"{target / package} ({about}; {patch_file.name})"
+        files = parse_patch(patch_file.read_text())
+        state = patch_state(target, files, patch_file.name)
         if a.revert:
             if state == "clean":
                 print(f"not applied, nothing to revert: {where}")
@@ -328,7 +273,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         orphans = [fp for fp in files if fp.creates and (target / fp.path).exists()]
         use_binary = shutil.which("patch") is not None and not a.python_applier and not (orphans and not a.revert)
         if use_binary:
-            binary_apply(target, Path(a.patch), a.revert)
+            binary_apply(target, patch_file, a.revert)
         else:
             python_apply(target, files, a.revert)
         if a.revert:  # drop the compiled module of a file the patch had created
@@ -337,8 +282,8 @@ def run(argv: Optional[List[str]] = None) -> int:
                     for pyc in (target / fp.path).parent.glob(f"__pycache__/{Path(fp.path).stem}.*.pyc"):
                         pyc.unlink()
         expected = "clean" if a.revert else "applied"
-        if patch_state(target, files) != expected:
-            raise Refused(f"after {verb}ing, the files are not in the expected state; check {target / PACKAGE}")
+        if patch_state(target, files, patch_file.name) != expected:
+            raise Refused(f"after {verb}ing, the files are not in the expected state; check {target / package}")
         tool = "patch" if use_binary else "built-in applier"
         print(f"{'reverted' if a.revert else 'applied'} ({tool}): {where}")
         return 0

@@ -1,7 +1,7 @@
 """openclip-structure as an open_clip_train plugin (entry-point group ``open_clip_train.plugins``).
 
-With open_clip_train's generic plugin hook in place (``patches/open_clip_train-3.x-plugins.patch``,
-applied by ``python scripts/apply_open_clip_patch.py``) the plain entrypoint trains with the plugin::
+With open_clip_train's generic plugin hook in place (``openclip_structure/patches/``, applied by
+``python -m openclip_structure.patch``) the plain entrypoint trains with the plugin::
 
     python -m open_clip_train.main ... --gap-atp-weight 1
     torchrun --nproc_per_node N -m open_clip_train.main ... --gap-atp-weight 1

@@ -1,11 +1,11 @@
-"""open_clip_train's plugin hook (patches/open_clip_train-3.x-plugins.patch) and our plugin in it.
+"""open_clip_train's plugin hook (openclip_structure/patches/open_clip_train-3.x-plugins.patch) and our
+plugin in it.
 
-Copies of the installed open_clip_train are patched with scripts/apply_open_clip_patch.py
+Copies of the installed open_clip_train are patched with ``python -m openclip_structure.patch``
 (``--target``): check/apply/revert round trips, refusals, and then ``python -m
 open_clip_train.main`` from the patched copy (first on PYTHONPATH) training with the plugin.
 """
 import filecmp
-import functools
 import importlib.metadata
 import os
 import shutil
@@ -19,7 +19,6 @@ import open_clip_train
 from openclip_structure.shards import digits_samples, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "apply_open_clip_patch.py"
 INSTALLED = Path(open_clip_train.__file__).resolve().parent
 GROUP = "open_clip_train.plugins"
 HAVE_PATCH = shutil.which("patch") is not None
@@ -38,8 +37,9 @@ def copy_package(dest: Path, version: str = None) -> Path:
 
 
 def script(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=60)
+    """``python -m openclip_structure.patch args``."""
+    return subprocess.run([sys.executable, "-m", "openclip_structure.patch", *map(str, args)], capture_output=True,
+                          text=True, timeout=60, env=env(Path(ROOT)), cwd=str(ROOT))
 
 
 def tree(path: Path) -> dict:
@@ -161,12 +161,26 @@ def test_refuses_other_versions(tmp_path, version):
     assert tree(site) == before
 
 
-def test_refuses_2x_layout_and_points_to_the_legacy_patch(tmp_path):
+def test_2x_layout_takes_the_legacy_patch(tmp_path):
+    """A ``training/`` folder (open_clip 2.x) is checked against the legacy patch; not one of its
+    files here, so it is refused with that patch named and nothing changed."""
     (tmp_path / "training").mkdir()
     (tmp_path / "training" / "main.py").write_text("# open_clip 2.x\n")
     proc = script("--target", tmp_path)
     assert proc.returncode == 1
-    assert "`training`" in proc.stderr and "training-2.x-plugins.patch" in proc.stderr
+    assert "the patch training-2.x-plugins.patch does not match" in proc.stderr
+    assert (tmp_path / "training" / "main.py").read_text() == "# open_clip 2.x\n"
+
+
+@pytest.mark.parametrize("version", ["2.6.1", "2.26.1"])
+def test_legacy_layout_refuses_versions_outside_2_16_to_2_24(tmp_path, version):
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "main.py").write_text("# open_clip 2.x\n")
+    (tmp_path / "open_clip").mkdir()
+    (tmp_path / "open_clip" / "version.py").write_text(f"__version__ = '{version}'\n")
+    proc = script("--target", tmp_path, "--check")
+    assert proc.returncode == 1
+    assert f"open_clip_torch {version}" in proc.stderr and "2.16 - 2.24" in proc.stderr
 
 
 def test_refuses_a_target_without_open_clip_train(tmp_path):
@@ -259,24 +273,15 @@ def test_launcher_on_a_patched_open_clip_train_does_not_double_patch(patched_sit
 
 
 # -------------------------------------------------------------------------------- the patch files
-@functools.lru_cache(maxsize=None)
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("apply_open_clip_patch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_patches_are_generic_twins():
     """The 3.x and 2.x patches create the same plugins module; neither names this project."""
-    tool = _load_script()
+    from openclip_structure import unified_diff as tool
+    from openclip_structure.patch import PATCHES
+
     created = {}
     for name, package in (("open_clip_train-3.x-plugins.patch", "open_clip_train"),
                           ("training-2.x-plugins.patch", "training")):
-        text = (ROOT / "patches" / name).read_text()
+        text = (PATCHES / name).read_text()
         files = tool.parse_patch(text)
         assert {fp.path for fp in files} == {f"{package}/{m}.py" for m in ("main", "params", "plugins", "train")}
         plugins = next(fp for fp in files if fp.creates)
@@ -287,7 +292,8 @@ def test_patches_are_generic_twins():
 
 
 def test_built_in_applier_offsets_and_missing_final_newline():
-    tool = _load_script()
+    from openclip_structure import unified_diff as tool
+
     patch = ("--- a/x.py\n+++ b/x.py\n@@ -2,3 +2,3 @@\n a\n-b\n+B\n c\n"
              "@@ -8,2 +8,2 @@\n g\n-h\n\\ No newline at end of file\n+H\n\\ No newline at end of file\n")
     (fp,) = tool.parse_patch(patch)

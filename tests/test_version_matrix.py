@@ -74,21 +74,21 @@ def test_unsupported_release_is_refused_naming_its_version(tmp_path):
 
 def test_legacy_training_main_with_the_2x_hook_patch(shards, tmp_path):
     """open_clip 2.24 (module ``training``, ``python -m training.main``) with
-    ``patches/training-2.x-plugins.patch`` applied: the same hooks train gap, gc_aug and separation."""
+    ``openclip_structure/patches/training-2.x-plugins.patch`` applied by ``python -m
+    openclip_structure.patch`` (which picks it for the ``training`` layout): the same hooks train gap,
+    gc_aug and separation."""
     import shutil
 
-    from test_patch import _load_script, register_plugin
+    from test_patch import register_plugin
 
     source = installed("2.24.0")
     site = tmp_path / "site"
     for name in ("open_clip", "training"):
         shutil.copytree(os.path.join(source, name), site / name, ignore=shutil.ignore_patterns("__pycache__"))
-    tool = _load_script()
-    with open(os.path.join(ROOT, "patches", "training-2.x-plugins.patch")) as f:
-        for fp in tool.parse_patch(f.read()):
-            path = site / fp.path
-            lines = [] if fp.creates else path.read_text().splitlines(keepends=True)
-            path.write_text("".join(tool.apply_hunks(lines, fp.hunks)))
+    proc = subprocess.run([sys.executable, "-m", "openclip_structure.patch", "--target", str(site)],
+                          capture_output=True, text=True, env=env(ROOT), timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("applied"), proc.stdout + proc.stderr
+    assert "open_clip_torch 2.24.0, module `training`; training-2.x-plugins.patch" in proc.stdout
     register_plugin(site)
     argv = ["--train-data", shards["train"]["pattern"], "--dataset-type", "webdataset", "--train-num-samples", "64",
             "--val-data", shards["val"]["pattern"], "--val-num-samples", "24", "--model", "structure-tiny",

@@ -16,8 +16,9 @@ progress           ``lr_scheduler``                              :mod:`.progress
 
 Where they are called from:
 
-* a hook-patched open_clip_train (``patches/``): its ``plugins.wrap(name, fn)`` call sites apply
-  our ``wrap_<name>`` (the entry point :mod:`openclip_structure.plugin`); nothing is replaced;
+* a hook-patched open_clip_train (``python -m openclip_structure.patch``): its
+  ``plugins.wrap(name, fn)`` call sites apply our ``wrap_<name>`` (the entry point
+  :mod:`openclip_structure.plugin`); nothing is replaced;
 * an unpatched open_clip_train 3.x: :mod:`.shim` replaces the names listed in its ``TABLE``
   inside open_clip_train's own modules, for the duration of the launcher's run only;
 * open_clip main (4.x dev, task API): :mod:`.task`.

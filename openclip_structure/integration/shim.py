@@ -141,7 +141,7 @@ def check(modules: Dict[str, types.ModuleType], version: Optional[str] = None,
         raise IntegrationError(
             f"openclip-structure cannot hook into open_clip_torch {version}: " + "; ".join(problems)
             + f". The plugin's shim was checked with open_clip {', '.join(checked)}; use one of "
-            "those, or apply the hook patch (python scripts/apply_open_clip_patch.py).")
+            "those, or apply the hook patch (python -m openclip_structure.patch).")
 
 
 def check_version(version: Optional[str] = None) -> str:
@@ -149,7 +149,9 @@ def check_version(version: Optional[str] = None) -> str:
     if version.split(".")[0] != "3":
         raise IntegrationError(
             f"openclip-structure does not support open_clip_torch {version} through its launcher on open_clip_train: "
-            f"supported are 3.x (checked: {', '.join(VERSIONS_CHECKED)}) and open_clip main's task API (4.x dev)")
+            f"supported are 3.x (checked: {', '.join(VERSIONS_CHECKED)}) and open_clip main's task API (4.x dev); "
+            "open_clip 2.16 - 2.24: apply the hook patch (python -m openclip_structure.patch) and train with "
+            "python -m training.main")
     return version
 
 

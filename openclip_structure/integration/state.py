@@ -48,7 +48,8 @@ def open_clip_version() -> str:
 
 
 def route_description() -> str:
-    return ROUTE[0] or f"open_clip {open_clip_version()} through open_clip_train's plugin hook (patches/)"
+    return ROUTE[0] or (f"open_clip {open_clip_version()} through open_clip_train's plugin hook "
+                        "(python -m openclip_structure.patch)")
 
 
 def current() -> Optional[Run]:
