@@ -101,6 +101,13 @@ def retrieval_recall(img, txt, ks: Sequence[int] = (1, 5, 10), text_image=None) 
 
 def _class_hits_one_way(q: np.ndarray, g: np.ndarray, yq: np.ndarray, yg: np.ndarray, ks: Sequence[int]) -> list[float]:
     """Fraction of queries whose top-k gallery items hold at least one item of the query's class."""
+    first = best_match_ranks(q, g, yq, yg)
+    return [float((first < k).mean()) for k in ks]
+
+
+def best_match_ranks(q: np.ndarray, g: np.ndarray, yq: np.ndarray, yg: np.ndarray) -> np.ndarray:
+    """Per query (unit rows ``q`` against unit rows ``g``): the number of gallery items scoring
+    strictly higher than its best-scoring match (``yg == yq``), 0 = a match ranked first."""
     n = q.shape[0]
     rows = max(1, EI._BLOCK_ELEMENTS // g.shape[0])
     first = np.empty(n, dtype=np.int64)  # rank of the best-scoring same-class candidate
@@ -109,7 +116,7 @@ def _class_hits_one_way(q: np.ndarray, g: np.ndarray, yq: np.ndarray, yg: np.nda
         same = yq[start : start + sims.shape[0], None] == yg[None, :]
         best = np.where(same, sims, -np.inf).max(axis=1, keepdims=True)
         first[start : start + sims.shape[0]] = (sims > best).sum(axis=1)
-    return [float((first < k).mean()) for k in ks]
+    return first
 
 
 def class_retrieval_recall(img, txt, labels, ks: Sequence[int] = (1, 5, 10), text_image=None) -> dict[str, float]:

@@ -16,6 +16,10 @@ metrics:
   validation shards with their ``<key>.cls`` label field (one extra pass over the validation
   set, reported in the log).
 * ``none``: nothing is added.
+
+With several captions per image (one per ``.txt`` line) and ``gap`` or ``all``, open_clip's
+retrieval keys and the gap measures are replaced by their COCO-protocol values
+(:mod:`openclip_structure.coco_validation`), and the group metrics use every caption.
 """
 from __future__ import annotations
 
@@ -74,6 +78,9 @@ class ValidationHook:
         self.args = None
         self.preprocess_val = None
         self.pending: Dict[str, float] = {}
+        from .coco_validation import CocoValidation
+
+        self.coco = CocoValidation()  # several captions per image: the COCO protocol
 
     def wrap_get_clip_metrics(self, original):
         @functools.wraps(original)
@@ -95,9 +102,12 @@ class ValidationHook:
         @functools.wraps(original)
         def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
             self.pending = {}
-            if (getattr(args, "val_structure_metrics", "none") == "all" and args.rank == 0
-                    and _val_runs_this_epoch(data, epoch, args)):
-                self.pending = self.group_metrics(model, args, tokenizer)
+            mode = getattr(args, "val_structure_metrics", "none")
+            if mode != "none" and args.rank == 0 and _val_runs_this_epoch(data, epoch, args):
+                if mode == "all":
+                    self.pending = self.group_metrics(model, args, tokenizer)
+                self.pending.update(self.coco.metrics(getattr(model, "module", model), self.preprocess_val, tokenizer,
+                                                      args))
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
 
         return evaluate
@@ -111,14 +121,15 @@ class ValidationHook:
         start = time.perf_counter()
         model = getattr(model, "module", model)
         try:
+            stats: dict = {}
             with torch.inference_mode():
                 img, txt, labels = encode_shards(model, self.preprocess_val, tokenizer, args.val_data,
-                                                 batch_size=args.batch_size, device=args.device)
+                                                 batch_size=args.batch_size, device=args.device, stats=stats)
             if labels is None:
                 raise ValueError(f"some validation samples of {args.val_data} have no .cls label")
             out = labelled_metrics(model, tokenizer, img, txt, labels, args.val_data,
                                    getattr(args, "val_zeroshot_classnames", None),
-                                   getattr(args, "val_zeroshot_templates", None))
+                                   getattr(args, "val_zeroshot_templates", None), text_image=stats["text_image"])
         except Exception as e:  # noqa: BLE001 - logged, training goes on
             logging.error(f"openclip-structure: group metrics skipped this evaluation: {e}")
             return {}

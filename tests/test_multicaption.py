@@ -214,3 +214,47 @@ def test_evaluator_scores_every_caption(random_checkpoint, tmp_path):
     assert stats["text_image"].tolist() == list(range(60))
     paired = M.all_metrics(i1, t1, y1)
     assert {k: one["metrics"][k] for k in paired} == paired  # exactly the paired protocol
+
+
+@pytest.mark.slow
+def test_val_data_uses_the_coco_protocol(tmp_path):
+    """open_clip 3.x training with multi-caption --val-data: its validation results carry the COCO-
+    protocol retrieval and gap numbers, equal to the evaluator's on the saved checkpoint; the group
+    metrics (--val-structure-metrics all) use every caption."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ROOT, command, env
+    from openclip_structure import evaluate
+    from openclip_structure.shards import Sample, digits_samples, write_shards
+
+    digits = digits_samples()[:104]
+    train = write_shards(digits[:64], tmp_path / "train", num_shards=2)["pattern"]
+    val_samples = [Sample(s.key, s.image, "\n".join([f"{s.caption}, picture {i}", f"the digit {s.label}, image {i}",
+                                                     f"picture {i}"][: 1 + i % 3]), s.label)
+                   for i, s in enumerate(digits[64:])]
+    val = write_shards(val_samples, tmp_path / "val", num_shards=1)["pattern"]
+    argv = ["--train-data", train, "--dataset-type", "webdataset", "--train-num-samples", "64", "--val-data", val,
+            "--val-num-samples", "40", "--model", "structure-tiny", "--batch-size", "32", "--epochs", "1",
+            "--workers", "1", "--lr", "1e-3", "--warmup", "1", "--logs", str(tmp_path / "logs"), "--name", "coco",
+            "--val-structure-metrics", "all", "--seed", "0"]
+    proc = subprocess.run(command(argv), capture_output=True, text=True, env={**env(), "OMP_NUM_THREADS": "1"},
+                          cwd=ROOT, timeout=400)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    run_dir = tmp_path / "logs" / "coco"
+    r = [json.loads(line) for line in open(run_dir / "checkpoints" / "results.jsonl")][0]
+    ours = evaluate.evaluate_checkpoint("structure-tiny", str(run_dir / "checkpoints" / "epoch_1.pt"), val,
+                                        device="cpu")
+    assert r["num_texts"] == ours["num_texts"] == 79 and ours["num_samples"] == 40
+    m = ours["metrics"]
+    for k in (1, 5, 10):
+        assert r[f"image_to_text_R@{k}"] == pytest.approx(m[f"i2t_r{k}"], abs=1e-9)
+        assert r[f"text_to_image_R@{k}"] == pytest.approx(m[f"t2i_r{k}"], abs=1e-9)
+    for ours_key, val_key in (("gap", "modality_gap"), ("cos_true_pairs", "cos_true_pairs"),
+                              ("separability", "modality_separability")):
+        assert r[val_key] == pytest.approx(m[ours_key], abs=1e-5), val_key
+    assert r["i2t_class_r1"] == pytest.approx(m["i2t_class_r1"], abs=1e-9)
+    assert r["mixed_v_measure"] == pytest.approx(m["mixed_v_measure"], abs=1e-6)
+    log = (run_dir / "out.log").read_text()
+    assert "several captions per image" in log and "40 images / 79 captions" in log
