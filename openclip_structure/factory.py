@@ -133,6 +133,8 @@ class StructureLoss(nn.Module):
         self.progress = progress
         self.nonfinite = nonfinite
         self.fixed_logit_scale = fixed_logit_scale
+        #: model-output name of each modality's embeddings, for messages (CLAPTask: image -> audio_features)
+        self.input_names = dict(FEATURE_KEYS)
         params = inspect.signature(base.forward).parameters
         self._base_accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
         self._base_params = set(params)
@@ -200,7 +202,7 @@ class StructureLoss(nn.Module):
         if bool(torch.isfinite(values).all()):
             return True
         bad = [k for k, v in out.items() if not bool(torch.isfinite(v.detach()).all())]
-        inputs = [f"{FEATURE_KEYS.get(k, k + '_features')} has {int((~torch.isfinite(v.detach())).sum())} non-finite values"
+        inputs = [f"{self.input_names.get(k, k + '_features')} has {int((~torch.isfinite(v.detach())).sum())} non-finite values"
                   for k, v in features.items() if not bool(torch.isfinite(v.detach()).all())]
         msg = (f"openclip-structure: non-finite loss term(s) {', '.join(bad)} at step {self.progress.step} "
                f"(rank {self.rank}); " + ("; ".join(inputs) if inputs else "the input embeddings are finite")

@@ -233,6 +233,8 @@ def validate(args) -> None:
     if views_enabled(args) and (getattr(args, "distill_model", None) or getattr(args, "distill_pretrained", None)):
         raise FlagError("distillation (--distill-model/--distill-pretrained) cannot be combined with the "
                         f"two-view regularizers ({view_flags()}): the teacher would see the stacked views")
+    from .audio import check_audio_args
+    check_audio_args(args)  # a view term on an audio-text (CLAP) model: no audio view
     if args.gap_schedule == "ramp" and getattr(args, "skip_scheduler", False):
         raise FlagError("--gap-schedule ramp follows the LR scheduler's step; it cannot be used "
                         "with --skip-scheduler (use --gap-schedule constant)")

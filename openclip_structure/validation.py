@@ -48,10 +48,14 @@ def _as_tensor(features) -> torch.Tensor:
     return torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
 
 
-def gap_val_metrics(image_features: torch.Tensor, text_features: torch.Tensor) -> Dict[str, float]:
+def gap_val_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                    image_key: str = "image") -> Dict[str, float]:
+    """:data:`LABEL_FREE`; ``image_key`` names the first modality (open_clip main's CLAP: ``audio``,
+    giving ``intra_audio_cos``)."""
     img = _as_tensor(image_features).float().cpu().numpy()
     txt = _as_tensor(text_features).float().cpu().numpy()
-    return {name: float(fn(img, txt)) for name, fn in LABEL_FREE.items()}
+    return {(f"intra_{image_key}_cos" if name == "intra_image_cos" else name): float(fn(img, txt))
+            for name, fn in LABEL_FREE.items()}
 
 
 def first_sample_problem(pattern) -> str:
@@ -90,7 +94,7 @@ class ValidationHook:
             mode = getattr(self.args, "val_structure_metrics", "none")
             if mode != "none":
                 start = time.perf_counter()
-                out.update(gap_val_metrics(image_features, text_features))
+                out.update(gap_val_metrics(image_features, text_features, kwargs.get("image_key") or "image"))
                 out.update(self.pending)
                 logging.info(f"openclip-structure: validation structure metrics in {time.perf_counter() - start:.2f}s")
             self.pending = {}

@@ -14,8 +14,10 @@ plugin
 
 Names replaced inside open_clip_train's modules (checked at startup like the 3.x table):
 :data:`TABLE`. Supported scope: CLIP models (CLIPTask and its SigLIP/CoCa siblings for the loss-
-only terms); ``--val-structure-metrics all`` is refused there (the label pass uses 3.x's model
-handling). Under open_clip's ``--fsdp`` every term, the views and the heads train and follow the
+only terms) and audio-text CLAP models (CLAPTask: the loss-only terms, ``--fixed-temperature`` and the
+validation gap metrics between audio and text; the view terms are refused, :mod:`..audio`);
+``--val-structure-metrics all`` is refused there (the label pass uses 3.x's model handling). Under
+open_clip's ``--fsdp`` every term, the views and the heads train and follow the
 DDP run exactly (tested); the two-view forward calls the model class's ``encode_*``, not the FSDP
 forward methods open_clip registers on the instance (those would reshard the root mid-forward).
 """
@@ -28,6 +30,7 @@ import os
 from typing import Iterator
 
 from .. import factory, flags, fsdp
+from ..audio import name_modalities
 from ..heads import HEADS_KEY
 from ..schedule import PROGRESS
 from . import checkpoints, progress, shim, state
@@ -51,6 +54,7 @@ def wrap_create_task(create_task):
         base = getattr(task, "loss", None)
         if base is not None:
             task.loss = factory.create_loss(args, base_factory=lambda _args: base, progress=PROGRESS)
+        name_modalities(task, getattr(task, "loss", None), getattr(args, "rank", 0))  # CLAPTask: audio, text
         prepare = task.prepare_distributed
 
         def prepare_distributed(device_ids=None, **ddp_kwargs):  # this task object only
