@@ -37,7 +37,8 @@ def caption_owners(text_image, n_images: int, n_texts: int):
         raise ValueError(f"text_image must hold integer image rows, got dtype {owners.dtype}")
     owners = owners.astype(np.int64)
     if owners.size and (owners.min() < 0 or owners.max() >= n_images):
-        raise ValueError(f"text_image entries must be image rows in [0, {n_images}), got {owners.min()}..{owners.max()}")
+        raise ValueError(f"text_image entries must be image rows in [0, {n_images}), "
+                         f"got {owners.min()}..{owners.max()}")
     missing = np.setdiff1d(np.arange(n_images), owners)
     if missing.size:
         raise ValueError(f"{missing.size} image(s) have no caption in text_image, e.g. row {int(missing[0])}")
