@@ -135,9 +135,10 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
                            batch_size: int = 256, max_samples: Optional[int] = None, seed: int = 0) -> dict:
     """Encode the shards' pairs for the diagnostics: ``{"img_aug"[, "img_ind", "txt_ind"]}`` as
     float32 arrays in shard order (a multi-caption sample's text: its first caption). ``img_aug``:
-    the augmented view of each image (the training view transform of :func:`openclip_structure.views.augmented_view_transform` on the model's
-    validation preprocessing, seeded by ``seed``); ``*_ind``: the independent features of
-    ``heads`` (from the same pooled outputs as the shared projection)."""
+    the augmented view of each image (the training view transform of
+    :func:`openclip_structure.views.augmented_view_transform` on the model's validation
+    preprocessing, seeded by ``seed``); ``*_ind``: the independent features of ``heads`` (from the
+    same pooled outputs as the shared projection)."""
     import torch
 
     from .shard_encoding import sample_captions
