@@ -168,8 +168,9 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     ``num_samples`` (images), ``num_texts`` (captions: more than ``num_samples`` when a ``.txt``
     holds several lines, each then scored as its own text, the COCO protocol), ``num_classes``
     (None without labels), ``labels_used``, ``labels_note`` (why group metrics were skipped, else
-    None), ``metrics`` (flat dict of floats), ``zeroshot_prompts`` (class names, templates and their source, with labels), ``shift`` (with
-    ``shift=True``), ``plots`` (paths, with ``plots_dir``) and timings. ``diagnostics=True`` adds
+    None), ``metrics`` (flat dict of floats), ``zeroshot_prompts`` (class names, templates and
+    their source, with labels), ``shift`` (with ``shift=True``), ``plots`` (paths, with
+    ``plots_dir``) and timings. ``diagnostics=True`` adds
     the per-term structural diagnostics of :mod:`openclip_structure.diagnostics` (one more pass
     over the shards for the augmented view and, when the checkpoint has them, the separation heads).
     """
