@@ -4,8 +4,9 @@
     python tests/attribute_probe.py OUT.json {launcher,open_clip_train} <training flags>
 
 Snapshots (id of every value that is a module, a class or a callable, i.e. what a patch would
-replace; values kept alive) of every loaded ``torch*``, ``argparse`` and ``open_clip_train*``
-module and of the methods of a few classes a global patch would touch, taken
+replace; values kept alive) of every loaded module but this package's and the probe's own (torch,
+argparse, open_clip, open_clip_train, webdataset, numpy, the standard library, ...) and of the
+methods of a few classes a global patch would touch, taken
 before training, during training (at the end of each epoch, from inside the plugin's checkpoint
 hook), and after. OUT.json: ``{"during": [changed names], "after": [changed names], "epochs_seen": n}``.
 """
@@ -17,7 +18,7 @@ import types
 import torch
 import torch.nn.parallel  # noqa: F401
 
-PREFIXES = ("torch", "argparse", "open_clip_train")
+OWN = ("openclip_structure", "__main__", "attribute_probe")  # everything else is a library
 _alive = []
 
 
@@ -28,7 +29,7 @@ def _replaceable(value) -> bool:
 def snapshot():
     snap = {}
     for name, module in list(sys.modules.items()):
-        if module is None or name.split(".")[0] not in PREFIXES:
+        if module is None or name.split(".")[0] in OWN:
             continue
         for key, value in list(vars(module).items()):
             if _replaceable(value):
