@@ -220,7 +220,8 @@ def test_evaluator_scores_every_caption(random_checkpoint, tmp_path):
 def test_val_data_uses_the_coco_protocol(tmp_path):
     """open_clip 3.x training with multi-caption --val-data: its validation results carry the COCO-
     protocol retrieval and gap numbers, equal to the evaluator's on the saved checkpoint; the group
-    metrics (--val-structure-metrics all) use every caption."""
+    metrics (--val-structure-metrics all) use every caption. The training data's one-word captions
+    (--text-aug captions) are counted in one log line."""
     import json
     import subprocess
     import sys
@@ -230,7 +231,10 @@ def test_val_data_uses_the_coco_protocol(tmp_path):
     from openclip_structure.shards import Sample, digits_samples, write_shards
 
     digits = digits_samples()[:104]
-    train = write_shards(digits[:64], tmp_path / "train", num_shards=2)["pattern"]
+    # training: every 8th sample a one-word caption (no different text view), the others two captions
+    train_samples = [Sample(s.key, s.image, f"digit{i}" if i % 8 == 0 else f"{s.caption}\nthe digit {s.label}", s.label)
+                     for i, s in enumerate(digits[:64])]
+    train = write_shards(train_samples, tmp_path / "train", num_shards=2)["pattern"]
     val_samples = [Sample(s.key, s.image, "\n".join([f"{s.caption}, picture {i}", f"the digit {s.label}, image {i}",
                                                      f"picture {i}"][: 1 + i % 3]), s.label)
                    for i, s in enumerate(digits[64:])]
@@ -238,7 +242,7 @@ def test_val_data_uses_the_coco_protocol(tmp_path):
     argv = ["--train-data", train, "--dataset-type", "webdataset", "--train-num-samples", "64", "--val-data", val,
             "--val-num-samples", "40", "--model", "structure-tiny", "--batch-size", "32", "--epochs", "1",
             "--workers", "1", "--lr", "1e-3", "--warmup", "1", "--logs", str(tmp_path / "logs"), "--name", "coco",
-            "--val-structure-metrics", "all", "--seed", "0"]
+            "--val-structure-metrics", "all", "--seed", "0", "--gc-aug-weight", "0.1", "--text-aug", "captions"]
     proc = subprocess.run(command(argv), capture_output=True, text=True, env={**env(), "OMP_NUM_THREADS": "1"},
                           cwd=ROOT, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
@@ -258,3 +262,5 @@ def test_val_data_uses_the_coco_protocol(tmp_path):
     assert r["mixed_v_measure"] == pytest.approx(m["mixed_v_measure"], abs=1e-6)
     log = (run_dir / "out.log").read_text()
     assert "several captions per image" in log and "40 images / 79 captions" in log
+    assert log.count("had no text view different from the caption") == 1
+    assert "--text-aug captions: 8 of 64 training samples in the first epoch had no text view" in log
