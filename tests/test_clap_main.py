@@ -191,3 +191,29 @@ def test_gap_terms_shrink_the_clap_audio_text_gap(shards, tmp_path):
     print(f"CLAP validation modality gap: plain {gaps['plain']:.4f}, with --gap-atp-weight 1 --gap-cu-weight 1 "
           f"{gaps['gap']:.4f}")
     assert gaps["gap"] < gaps["plain"] - 0.1, gaps
+
+
+def test_clap_task_names_the_audio_embeddings_in_the_nonfinite_error(caplog):
+    """On a task whose first modality is audio (CLAPTask's ``primary_key``), a NaN in the embeddings the
+    task hands over as ``image_features`` is reported as ``audio_features``, and the startup note says so."""
+    import logging
+
+    import torch
+    from open_clip import ClipLoss
+
+    from openclip_structure.audio import name_modalities
+    from openclip_structure.factory import NonFiniteLossError, create_loss
+    from test_gap_loss import make_args
+
+    class CLAPTask:  # what name_modalities reads of open_clip main's CLAPTask: its name and primary_key
+        primary_key = "audio"
+
+    loss = create_loss(make_args(gap_atp_weight=1.0), base_factory=lambda a: ClipLoss())
+    with caplog.at_level(logging.INFO):
+        assert name_modalities(CLAPTask(), loss) == "audio"
+    assert "CLAPTask trains audio-text" in caplog.text and "intra_audio_cos" in caplog.text
+    audio = torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)
+    audio[2, 0] = float("nan")
+    text = torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)
+    with pytest.raises(NonFiniteLossError, match="audio_features has 1 non-finite"):
+        loss(image_features=audio, text_features=text, logit_scale=torch.tensor(10.0), output_dict=True)
