@@ -98,6 +98,7 @@ def test_the_hook_patch_route_checks_too(tmp_path):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_launcher_exits_within_seconds(tmp_path):
     """The whole launcher: status 2, the path named, long before open_clip would start its retries."""
     start = time.time()

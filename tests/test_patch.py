@@ -127,6 +127,15 @@ def test_apply_check_revert_round_trip(tmp_path, applier):
     assert proc.returncode == 0 and "nothing to revert" in proc.stdout
 
 
+def test_patch_module_does_not_import_torch():
+    """``python -m openclip_structure.patch`` patches open_clip without loading torch (fast, and
+    usable where torch is broken)."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, openclip_structure.patch as p; "
+                           "p.run(['--check']); sys.exit('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60, env=env(Path(ROOT)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_patch_program_and_built_in_applier_agree(tmp_path):
     if not HAVE_PATCH:
         pytest.skip("no `patch` program")
