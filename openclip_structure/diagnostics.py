@@ -143,7 +143,7 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
 
     from .shard_encoding import sample_captions
     from .shard_reader import _decode_image, iter_shard_samples
-    from .views import augmented_view_transform, pooled_image, pooled_text
+    from .views import augmented_view_transform, encode_pooled
 
     size = getattr(model.visual, "image_size", None)
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -164,9 +164,9 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
         out["img_aug"].append(model.encode_image(xa, normalize=True).float().cpu().numpy())
         if heads is not None:
             x = torch.stack([preprocess(im) for im in images]).to(dev)
-            pooled, _ = pooled_image(model, x)
+            _, pooled = encode_pooled(model, x, "image")
             out["img_ind"].append(heads["image"](pooled).float().cpu().numpy())
-            pooled, _ = pooled_text(model, tokenizer([sample_captions(c)[0] for _, _, c, _ in batch]).to(dev))
+            _, pooled = encode_pooled(model, tokenizer([sample_captions(c)[0] for _, _, c, _ in batch]).to(dev), "text")
             out["txt_ind"].append(heads["text"](pooled).float().cpu().numpy())
         batch.clear()
 

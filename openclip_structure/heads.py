@@ -13,7 +13,8 @@ as extra trainable parameters of an open_clip model, and their checkpointing.
   optimizer state loadable when the checkpoint and the run disagree about the heads. Where the heads
   are written (their own file beside each checkpoint) and read back is
   :mod:`openclip_structure.integration.checkpoints`.
-* :func:`check_separation_support` refuses models whose towers the heads cannot attach to.
+* :func:`check_separation_support` finds, on every open_clip tower family, the pooled features the
+  tower's final projection reads (:mod:`openclip_structure.towers`), or refuses the model naming why.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .errors import FlagError
+from . import towers
 from .losses import IndependentHead
+from .towers import UnsupportedModelError  # noqa: F401 (public name)
 
 #: attribute of the model and top-level key of the checkpoint that hold the heads
 HEADS_KEY = "structure_heads"
@@ -57,52 +59,19 @@ def saved_heads(checkpoint: dict, path) -> Optional[Dict[str, torch.Tensor]]:
     return None
 
 
-class UnsupportedModelError(FlagError):
-    """The model's towers cannot carry what the requested regularizer needs."""
-
-
-def _tower_name(module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
-def check_separation_support(model: nn.Module, model_name: str = "?") -> None:
-    """Raise :class:`UnsupportedModelError` unless ``model`` is an ``open_clip.model.CLIP`` whose
-    image tower is open_clip's own ``VisionTransformer`` and whose text tower is the built-in text
-    transformer, both with a projection (the heads read the pooled output that feeds it)."""
-    from open_clip.model import CLIP
-    from open_clip.transformer import VisionTransformer
-
-    why = None
-    if type(model) is not CLIP:
-        text = getattr(model, "text", None)
-        detail = f" (text tower {_tower_name(text)})" if text is not None else ""
-        why = f"it is a {_tower_name(model)}{detail}, not open_clip.model.CLIP with the built-in text transformer"
-    elif not isinstance(model.visual, VisionTransformer):
-        why = f"its image tower is {_tower_name(model.visual)}, not open_clip's VisionTransformer"
-    elif getattr(model.visual, "proj", None) is None:
-        why = "its VisionTransformer has no output projection (proj_type 'none')"
-    elif getattr(model, "text_projection", None) is None:
-        why = "its text tower has no text_projection"
-    elif getattr(model.visual, "output_tokens", False):
-        why = "its VisionTransformer returns tokens (output_tokens=True)"
-    if why is not None:
-        raise UnsupportedModelError(
-            f"--sep-weight (deep feature separation) is not supported for model '{model_name}': {why}. "
-            "Separation attaches an independent head to the pooled output that feeds the shared "
-            "projection, which the plugin supports only for open_clip's own VisionTransformer image "
-            "tower and built-in text transformer (open_clip.model.CLIP, e.g. ViT-B-32, structure-tiny); "
-            "ResNet (ModifiedResNet), timm and Hugging Face towers, CustomTextCLIP and CoCa are refused.")
+def check_separation_support(model: nn.Module, model_name: str = "?") -> Dict[str, "towers.Projection"]:
+    """The towers' projections the heads read beside (:func:`openclip_structure.towers.projections`);
+    raises :class:`UnsupportedModelError` naming the model and the reason where there is none."""
+    return towers.projections(model, model_name)
 
 
 def tower_widths(model: nn.Module) -> Dict[str, int]:
     """Width of the pooled backbone output that feeds each tower's shared projection."""
-    tp = model.text_projection
-    text_width = tp.in_features if isinstance(tp, nn.Linear) else tp.shape[0]
-    return {"image": int(model.visual.proj.shape[0]), "text": int(text_width)}
+    return towers.head_widths(model, towers.projections(model))
 
 
 def embed_dim(model: nn.Module) -> int:
-    return int(model.visual.proj.shape[1])
+    return towers.embed_dim(model, towers.projections(model))
 
 
 def _drop_heads_from_state_dict(module, state_dict, prefix, local_metadata) -> None:
@@ -124,15 +93,45 @@ def attach_heads(model: nn.Module, model_name: str = "?") -> nn.ModuleDict:
     heads = getattr(model, HEADS_KEY, None)
     if heads is not None:
         return heads
-    check_separation_support(model, model_name)
-    widths, dim = tower_widths(model), embed_dim(model)
-    ref = model.visual.proj
+    found = check_separation_support(model, model_name)
+    widths, dim = towers.head_widths(model, found), towers.embed_dim(model, found)
+    ref = next(p for p in model.parameters() if p.is_floating_point())
     heads = nn.ModuleDict({m: IndependentHead(widths[m], dim, dtype=ref.dtype, device=ref.device)
-                           for m in ("image", "text")})
+                           for m in towers.MODALITIES})
+    logging.info(f"openclip-structure: separation heads for '{model_name}': {towers.describe(found)}")
     setattr(model, HEADS_KEY, heads)  # a submodule: optimizer, DDP, .to(), .train() see it
     model.register_state_dict_post_hook(_drop_heads_from_state_dict)
     model.register_load_state_dict_post_hook(_forgive_missing_heads)
     return heads
+
+
+def restore_saved(heads: nn.Module, saved: Optional[Dict[str, torch.Tensor]], where, load=None) -> bool:
+    """Load ``saved`` (the heads as saved; None: there are none) into ``heads`` and say so, or warn that
+    the heads start fresh. The one place every route (``--resume`` on 3.x and on open_clip main,
+    ``--pretrained`` fine-tuning) restores heads through; ``load(saved)`` replaces the strict
+    ``load_state_dict`` (e.g. into sharded parameters)."""
+    if saved is None:
+        logging.warning(f"openclip-structure: {where} has no '{HEADS_KEY}' entry: the deep-feature-"
+                        f"separation heads start from a fresh initialisation")
+        return False
+    (load or (lambda sd: heads.load_state_dict(sd, strict=True)))(saved)
+    logging.info(f"openclip-structure: restored the separation heads ({HEADS_KEY}) from {where}")
+    return True
+
+
+def restore_pretrained(heads: nn.Module, path) -> bool:
+    """Fine-tuning (``--pretrained`` a plugin checkpoint): the heads saved beside (or inside) that
+    checkpoint, else a warning that they start fresh. Paths that are not a local file (open_clip's
+    named pretrained weights, hub ids) hold no heads and are passed over silently."""
+    if not path or not os.path.isfile(str(path)):
+        return False
+    try:  # mmap: only the small "epoch" entry is read from a large checkpoint
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - open_clip has loaded it already; report and go on
+        logging.warning(f"openclip-structure: --pretrained {path}: cannot read it for separation heads ({error}); "
+                        "the heads start from a fresh initialisation")
+        return False
+    return restore_saved(heads, saved_heads(checkpoint, path), f"--pretrained {path}")
 
 
 def heads_state(heads: nn.Module) -> Dict[str, torch.Tensor]:
@@ -162,12 +161,8 @@ class CheckpointHooks:
         saved = checkpoint.pop(HEADS_KEY, None)
         training_ckpt = "epoch" in checkpoint and "state_dict" in checkpoint
         if self.heads is not None:
-            if saved is not None:
-                self.heads.load_state_dict(saved, strict=True)
-                logging.info(f"openclip-structure: restored the separation heads ({HEADS_KEY}) from {where}")
+            if restore_saved(self.heads, saved, where):
                 return
-            logging.warning(f"openclip-structure: {where} has no '{HEADS_KEY}' entry: the deep-feature-"
-                            f"separation heads start from a fresh initialisation")
             if training_ckpt:
                 self._align_optimizer(checkpoint, add=sum(p.requires_grad for p in self.heads.parameters()))
         elif saved is not None:

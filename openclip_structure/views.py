@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from . import registry
+from . import registry, towers
 from .heads import HEADS_KEY, UnsupportedModelError, attach_heads
 
 ORIG_FORWARD = "_structure_original_forward"
@@ -120,29 +120,6 @@ def _both_views(x: torch.Tensor, what: str) -> torch.Tensor:
     return torch.cat([x[:, 0], x[:, 1]], dim=0)  # [2B, ...]: originals first, then the augmented views
 
 
-@contextlib.contextmanager
-def _projection_detached(module: nn.Module, name: str):
-    """Temporarily set ``module.<name>`` (a projection parameter or Linear) to None, so the tower
-    returns its pooled output; yields the projection."""
-    proj = getattr(module, name)
-    setattr(module, name, None)
-    try:
-        yield proj
-    finally:
-        setattr(module, name, proj)
-
-
-def _project(pooled: torch.Tensor, proj) -> torch.Tensor:
-    return proj(pooled) if isinstance(proj, nn.Module) else pooled @ proj
-
-
-def pooled_image(model, images: torch.Tensor):
-    """(pooled VisionTransformer output, shared projection) from ONE tower forward."""
-    with _projection_detached(model.visual, "proj") as proj:
-        pooled = model.visual(images)
-    return pooled, proj
-
-
 def _class_method(model, name: str):
     """``model.<name>`` as the class defines it: an FSDP2 forward method registered on the instance
     (open_clip main's ``--fsdp`` registers ``encode_image``/``encode_text``) would reshard the root's
@@ -150,11 +127,11 @@ def _class_method(model, name: str):
     return getattr(type(model), name).__get__(model)
 
 
-def pooled_text(model, texts: torch.Tensor):
-    """(pooled text-transformer output, text_projection) from ONE encode_text call."""
-    with _projection_detached(model, "text_projection") as proj:
-        pooled = _class_method(model, "encode_text")(texts)
-    return pooled, proj
+def encode_pooled(model, x: torch.Tensor, modality: str):
+    """(the tower's embedding, the pooled features its final projection reads) from ONE tower forward,
+    on every tower family (:mod:`openclip_structure.towers`)."""
+    fn = _class_method(model, "encode_image" if modality == "image" else "encode_text")
+    return towers.projections(model)[modality].encode(fn, x)
 
 
 def _encode(model, x, modality: str, heads):
@@ -162,8 +139,8 @@ def _encode(model, x, modality: str, heads):
     if heads is None:
         feats = _class_method(model, "encode_image" if modality == "image" else "encode_text")(x)
         return F.normalize(feats, dim=-1), None
-    pooled, proj = (pooled_image if modality == "image" else pooled_text)(model, x)
-    return F.normalize(_project(pooled, proj), dim=-1), heads[modality](pooled)
+    feats, pooled = encode_pooled(model, x, modality)
+    return F.normalize(feats, dim=-1), heads[modality](pooled)
 
 
 def _clip_forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
@@ -193,23 +170,44 @@ def _clip_forward(self, image: Optional[torch.Tensor] = None, text: Optional[tor
     return out
 
 
-def _coca_forward(self, image, text=None, image_latent=None, image_embs=None, output_labels: bool = True):
+def _tapped(model, heads, modality: str):
+    """Record the pooled features of ``modality``'s tower while inside (a no-op without heads)."""
+    if heads is None:
+        return contextlib.nullcontext([])
+    return towers.projections(model)[modality].tapped()
+
+
+def _coca_forward(self, image=None, text=None, image_latent=None, image_embs=None, **kwargs):
     two_images = image is not None and image.dim() == 5 and image_latent is None
     two_texts = text is not None and text.dim() == 3
     orig = getattr(self, ORIG_FORWARD)
     if not (two_images or two_texts):
-        return orig(image, text, image_latent=image_latent, image_embs=image_embs, output_labels=output_labels)
+        return orig(image, text, image_latent=image_latent, image_embs=image_embs, **kwargs)
+    heads = getattr(self, HEADS_KEY, None)
     extra = {}
     if two_images:
         b = image.shape[0]
-        latent, embs = self._encode_image(_both_views(image, "image"))  # ONE image-tower forward of 2B
+        with _tapped(self, heads, "image") as seen:
+            latent, embs = self._encode_image(_both_views(image, "image"))  # ONE image-tower forward of 2B
         image_latent, image_embs = latent[:b], embs[:b]
         extra["image_aug_features"] = latent[b:]
+        if heads is not None:
+            ind = heads["image"](seen[0])
+            extra["image_ind_features"], extra["image_aug_ind_features"] = ind[:b], ind[b:]
         image = None
     if two_texts:
-        extra["text_aug_features"] = self.encode_text(text[:, 1])  # one extra text-tower forward
+        with _tapped(self, heads, "text") as seen:
+            extra["text_aug_features"] = self.encode_text(text[:, 1])  # one extra text-tower forward
+        if heads is not None:
+            extra["text_aug_ind_features"] = heads["text"](seen[0])
         text = text[:, 0]
-    out = orig(image, text, image_latent=image_latent, image_embs=image_embs, output_labels=output_labels)
+    with _tapped(self, heads, "image") as seen_image, _tapped(self, heads, "text") as seen_text:
+        out = orig(image, text, image_latent=image_latent, image_embs=image_embs, **kwargs)
+    if heads is not None:  # the towers CoCa's own forward ran (the caption decoder sees the same outputs)
+        if seen_image:
+            extra["image_ind_features"] = heads["image"](seen_image[0])
+        if seen_text:
+            extra["text_ind_features"] = heads["text"](seen_text[0])
     out.update(extra)
     return out
 

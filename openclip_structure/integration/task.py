@@ -31,7 +31,7 @@ from typing import Iterator
 
 from .. import factory, flags, fsdp
 from ..audio import name_modalities
-from ..heads import HEADS_KEY
+from ..heads import restore_saved
 from ..schedule import PROGRESS
 from . import checkpoints, progress, shim, state
 from .parallel import _cpu_only
@@ -88,14 +88,10 @@ def wrap_load_checkpoint(load_checkpoint):
             return load_checkpoint(task, path, *a, **kw)
         path, epoch = checkpoints.load_resume_checkpoint(run, lambda p: load_checkpoint(task, p, *a, **kw), path)
         heads = run.heads
-        saved = checkpoints.read_heads_beside(path, epoch)
-        if heads is not None and saved is not None:
-            fsdp.load_full_params(dict(heads.named_parameters()), saved)
-            logging.info(f"openclip-structure: restored the separation heads ({HEADS_KEY}) from "
-                         f"{os.path.basename(checkpoints.heads_path(os.path.dirname(str(path)), epoch))}")
-        elif heads is not None:
-            logging.warning(f"openclip-structure: no heads file beside {path} for epoch {epoch}: the deep-feature-"
-                            "separation heads start from a fresh initialisation")
+        if heads is not None:
+            restore_saved(heads, checkpoints.read_heads_beside(path, epoch),
+                          f"{path} (+ {os.path.basename(checkpoints.heads_path(os.path.dirname(str(path)), epoch))})",
+                          load=lambda saved: fsdp.load_full_params(dict(heads.named_parameters()), saved))
         return epoch
 
     return load
