@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Tuple
 
+from .configs import config_dir
 from .errors import FlagError
 from .registry import (TERMS, TEXT_AUGS, VIEW_AUGS, Option, TermSpec, enabled, number, regularizers_enabled, separation_enabled,
                        text_views_enabled, view_flags, views_enabled, weight)
@@ -50,6 +51,13 @@ GENERAL_OPTIONS: Tuple[Option, ...] = (
         help="Freeze the contrastive temperature at this value (logit scale 1/T) instead of learning it; "
              "Grassucci et al. train with 0.1. Default: learned, as open_clip."),
         "freeze the contrastive temperature (paper: 0.1); logit scale = 1/T", "learned"),
+    Option("--model-config-dir", dict(
+        type=config_dir, action="append", default=None, metavar="DIR",
+        help="A folder of open_clip model configs (<model>.json) to register before the model is built, so that "
+             "--model <model> trains (and fine-tunes with --pretrained CHECKPOINT) a config of your own; "
+             "repeatable."),
+        "a folder of your own open_clip model configs (`<model>.json`), registered before the model is built "
+        "(`--model <model> --pretrained ckpt.pt` then fine-tunes); repeatable", "none"),
     Option("--view-aug", dict(
         choices=list(VIEW_AUGS), default="crop",
         help="Second image view, used by the terms that need views: 'crop' = RandomResizedCrop(scale=(0.5, 1)) "
@@ -235,6 +243,17 @@ def validate(args) -> None:
                         f"two-view regularizers ({view_flags()}): the teacher would see the stacked views")
     from .audio import check_audio_args
     check_audio_args(args)  # a view term on an audio-text (CLAP) model: no audio view
+    if separation_enabled(args):
+        from . import towers
+
+        why = towers.config_problem(getattr(args, "model", None))
+        if why:
+            raise FlagError(towers.refusal(args.model, why))
+    if views_enabled(args) and getattr(args, "torchscript", False):
+        raise FlagError(f"--torchscript cannot be combined with the two-view regularizers ({view_flags()}): "
+                        "open_clip compiles the model's class forward with torch.jit.script, which cannot run the "
+                        "plugin's two-view forward or read the pooled features beside each projection "
+                        "(drop --torchscript for training; a checkpoint can be scripted afterwards)")
     if args.gap_schedule == "ramp" and getattr(args, "skip_scheduler", False):
         raise FlagError("--gap-schedule ramp follows the LR scheduler's step; it cannot be used "
                         "with --skip-scheduler (use --gap-schedule constant)")

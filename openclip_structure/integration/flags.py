@@ -11,7 +11,7 @@ import argparse
 
 from .. import flags
 from ..data_check import check_data_args
-from ..configs import register_model_configs
+from ..configs import register_model_configs, register_user_configs
 from . import state
 
 
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args, parser: argparse.ArgumentParser) -> None:
+    register_user_configs(getattr(args, "model_config_dir", None))  # --model-config-dir: before any check
     try:
         flags.validate(args)
         check_data_args(args)  # a missing --train-data/--val-data file: stop now, not retry forever
