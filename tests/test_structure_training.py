@@ -22,7 +22,7 @@ from torch import nn
 from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.factory import MissingFeaturesError, build_terms, create_loss
-from openclip_structure.heads import (HEADS_KEY, CheckpointHooks, UnsupportedModelError, attach_heads,
+from openclip_structure.heads import (HEADS_KEY, CheckpointHooks, attach_heads,
                                       check_separation_support)
 from openclip_structure.shards import digits_samples, write_dataset
 from openclip_structure.views import (EDA, TwoCaptions, TwoViews, augmented_view_transform, install_forward,
@@ -225,8 +225,6 @@ def test_coca_views_one_image_tower_forward(tmp_path):
     open_clip.add_model_config(str(tmp_path))
     torch.manual_seed(0)
     m = open_clip.create_model("coca-structure-tiny")
-    with pytest.raises(UnsupportedModelError, match="CoCa"):
-        check_separation_support(m, "coca-structure-tiny")
     install_forward(m)
     calls = _count_calls(m.visual)
     images, texts = torch.randn(2, 2, 3, 32, 32), tokens(2)
@@ -443,30 +441,47 @@ def test_flag_defaults_are_off_and_enable_the_right_machinery():
     assert terms[4].temperature == 0.2
 
 
-def test_separation_refuses_resnet_custom_text_and_accepts_vit():
+def test_separation_reads_resnet_and_custom_text_towers_and_views_work_on_rn50():
+    """The towers the heads read (every family: tests/test_tower_families.py), on open_clip's own RN50."""
     rn50 = open_clip.create_model("RN50", pretrained=None)
-    with pytest.raises(UnsupportedModelError, match=r"model 'RN50'.*ModifiedResNet"):
-        check_separation_support(rn50, "RN50")
+    found = check_separation_support(rn50, "RN50")
+    assert found["image"].path == "visual.attnpool.c_proj" and found["image"].width == 2048
+    assert found["text"].path == "text_projection" and found["text"].width == 512
     custom = open_clip.create_model("structure-tiny", force_custom_text=True)
-    with pytest.raises(UnsupportedModelError, match=r"CustomTextCLIP"):
-        check_separation_support(custom, "structure-tiny")
-    check_separation_support(tiny(), "structure-tiny")
-    # views alone work with the ResNet tower (one forward of 2B through encode_image)
-    args = plugin_args(["--model", "RN50", "--inmodal-weight", "1"])
+    assert check_separation_support(custom, "structure-tiny")["text"].path == "text.text_projection"
+    # views and heads with the ResNet tower (one forward of 2B through encode_image)
+    args = plugin_args(["--model", "RN50", "--inmodal-weight", "1", "--sep-weight", "1"])
     preprocess, heads = prepare_model(args, "RN50", rn50, open_clip.image_transform(224, is_train=True))
-    assert heads is None and isinstance(preprocess, TwoViews)
+    assert heads is not None and isinstance(preprocess, TwoViews)
     rn50.eval()
     with torch.no_grad():
         out = rn50(torch.randn(2, 2, 3, 224, 224), open_clip.tokenize(["a", "b"]))
-    assert out["image_aug_features"].shape == (2, 1024)
+    assert out["image_aug_features"].shape == out["image_aug_ind_features"].shape == (2, 1024)
 
 
-def test_launcher_refuses_separation_on_resnet_before_training():
-    """The check runs in the launcher's create_model_and_transforms wrapper."""
+def test_launcher_refuses_a_tower_it_cannot_read_before_and_after_the_model_is_built(capsys, tmp_path):
+    """Where the config tells (a CLIP ViT returning tokens), at parse time; where only the built model
+    does, in the launcher's create_model_and_transforms wrapper: an error line and exit code 2 both."""
+    cfg = open_clip.get_model_config("structure-tiny")
+    tokens = dict(cfg, vision_cfg=dict(cfg["vision_cfg"], output_tokens=True))
+    (tmp_path / "structure-tiny-tokens.json").write_text(json.dumps(tokens))
     with launcher.installed() as ocm:
-        ocm.parse_args(["--train-data", X_TAR, "--model", "RN50", "--sep-weight", "1"])
-        with pytest.raises(UnsupportedModelError, match=r"--sep-weight .* model 'RN50'.*ModifiedResNet"):
-            ocm.create_model_and_transforms("RN50", None, output_dict=True)
+        with pytest.raises(SystemExit) as stop:
+            ocm.parse_args(["--train-data", X_TAR, "--model", "structure-tiny-tokens", "--sep-weight", "1",
+                            "--model-config-dir", str(tmp_path)])
+        assert stop.value.code == 2
+        assert "not supported for model 'structure-tiny-tokens'" in capsys.readouterr().err
+        ocm.parse_args(["--train-data", X_TAR, "--model", "structure-tiny", "--sep-weight", "1"])
+        # the config changes after the flags were checked: only the built model tells
+        open_clip.factory._MODEL_CONFIGS["structure-tiny"] = tokens
+        try:
+            with pytest.raises(SystemExit) as stop:
+                ocm.create_model_and_transforms("structure-tiny", None, output_dict=True)
+        finally:
+            open_clip.factory._MODEL_CONFIGS["structure-tiny"] = cfg
+    assert stop.value.code == 2
+    assert "error: --sep-weight (deep feature separation) is not supported for model 'structure-tiny'" \
+        in capsys.readouterr().err
 
 
 # ---- real training runs ----------------------------------------------------------------------
