@@ -79,6 +79,13 @@ TASKS = {"digits": ("openclip_structure.shards", "write_digits_dataset"),
          "scenes": ("openclip_structure.scenes", "write_scenes_dataset")}
 
 
+def default_out(name, model, budget="default"):
+    """runs/<name>, with the model's name appended when it is not the budget's own: runs are reused by
+    name, so another model (e.g. --model structure-tiny-rn) must not find the ViT's runs."""
+    base = os.path.join(ROOT, "runs", name)
+    return base if model == SIZES[budget]["model"] else f"{base}-{model}"
+
+
 def make_data(out_dir, task="digits"):
     import importlib
 
@@ -251,7 +258,7 @@ def main(argv=None):
         import torch
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available")
-    size = dict(SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")])
+    size = dict(SIZES["quick" if args.quick else ("cuda" if args.device == "cuda" else "default")])  # the budget
     if not args.quick and args.device == "cpu":
         size.update(TASK_SIZES.get(args.task, {}))
     for key, typ in OVERRIDES:
@@ -262,7 +269,8 @@ def main(argv=None):
     for key in ("threads", "jobs"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise SystemExit(f"--{key} must be at least 1, got {getattr(args, key)}")
-    out = args.out or os.path.join(ROOT, "runs", "demo" if args.task == "digits" else args.task)
+    budget = "quick" if args.quick else ("cuda" if args.device == "cuda" else "default")
+    out = args.out or default_out("demo" if args.task == "digits" else args.task, size["model"], budget)
     out_dir = os.path.abspath(out + ("-quick" if args.quick else ""))
     os.makedirs(out_dir, exist_ok=True)
     seeds = args.seeds or list(range(size["seeds"]))

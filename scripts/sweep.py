@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("--values", type=float, nargs="+", default=None,
                    help="the swept values, instead of the sweep's own (with a single --sweeps)")
     p.add_argument("--task", choices=sorted(demo.TASKS), default="digits")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "sweep"))
+    p.add_argument("--out", default=None, help="default runs/sweep (runs/sweep-<model> for another --model)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=None)
@@ -127,7 +127,8 @@ def main(argv=None):
     if args.device == "cpu":
         size.update(demo.TASK_SIZES.get(args.task, {}))
     size.update({key: getattr(args, key) for key, _ in demo.OVERRIDES if getattr(args, key) is not None})
-    out_dir = os.path.abspath(args.out)
+    out_dir = os.path.abspath(args.out or demo.default_out("sweep", size["model"],
+                                                           "cuda" if args.device == "cuda" else "default"))
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
     data = demo.make_data(os.path.join(out_dir, "data"), args.task)
