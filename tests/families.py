@@ -1,5 +1,5 @@
 """Tiny open_clip configs of every model family users train, written offline into a folder:
-built-in ViT + text transformer, ModifiedResNet, a timm tower (pretrained=False), an HF text tower
+built-in ViT + text transformer, ModifiedResNet, a timm tower (timm's test_resnet, pretrained=False), an HF text tower
 (a tiny BERT config and WordPiece tokenizer written here), CustomTextCLIP, CoCa and SigLIP.
 
 ``write_family_configs(root)`` returns ``{family: model name}``; the configs live in
@@ -50,7 +50,7 @@ def family_configs(hf_folder: str) -> dict:
         "family-vit": {"embed_dim": 32, "vision_cfg": dict(_VISION_VIT), "text_cfg": dict(_TEXT)},
         "family-rn": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16,
                                                        "head_width": 16}, "text_cfg": dict(_TEXT)},
-        "family-timm": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "resnet10t",
+        "family-timm": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "test_resnet",
                                                          "timm_model_pretrained": False, "timm_pool": "avg",
                                                          "timm_proj": "linear"},
                         "text_cfg": dict(_TEXT)},

@@ -213,6 +213,12 @@ def test_pretrained_fine_tuning_restores_the_heads(matrix, configs, data, tmp_pa
     saved = _load(matrix / family / "checkpoints" / "structure_heads_epoch_2.pth")
     tuned = _load(tmp_path / family / "checkpoints" / "structure_heads_epoch_1.pth")
     assert all(torch.equal(saved[k], tuned[k]) for k in saved)  # lr 0: exactly the heads it started from
+    # ... and the model's weights are the checkpoint's: open_clip loaded --pretrained for the user's config
+    start, now = _load(ckpt)["state_dict"], _load(tmp_path / family / "checkpoints" / "epoch_1.pt")["state_dict"]
+    strip = lambda k: k[len("module."):] if k.startswith("module.") else k  # noqa: E731
+    start = {strip(k): v for k, v in start.items()}
+    assert all(torch.equal(start[strip(k)], v) for k, v in now.items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     # a plain open_clip checkpoint (no heads file beside it): a warning, fresh heads
     plain = tmp_path / "plain" / "epoch_2.pt"
     os.makedirs(plain.parent)
@@ -257,3 +263,45 @@ def test_unknown_model_class_is_refused_naming_it():
 
     with pytest.raises(towers.UnsupportedModelError, match=r"model 'odd'.*Odd, not open_clip's CLIP"):
         towers.projections(Odd(), "odd")
+
+
+# ---- open_clip main (its snapshot in ../shared/upstream/open_clip-main) ------------------------------------
+
+def _main_env():
+    from test_open_clip_main import SNAPSHOT
+
+    if SNAPSHOT is None:
+        pytest.skip("no open_clip main snapshot at ../shared/upstream/open_clip-main")
+    from test_open_clip_main import env
+
+    return env()
+
+
+@pytest.mark.slow
+def test_every_family_on_open_clip_main():
+    """The heads' reading and the two-view forward of every family, under open_clip main's classes (its
+    ModifiedResNet calls c_proj as a module, its CoCa forward has no output_labels)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "not slow",
+                           "-k", "heads_read or two_view_forward"], capture_output=True, text=True, env=_main_env(),
+                          cwd=os.path.dirname(__file__), timeout=600)
+    assert proc.returncode == 0 and f"{2 * len(FAMILIES)} passed" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_resnet_separation_and_coca_refusal_through_the_launcher_on_open_clip_main(configs, data, tmp_path):
+    from helpers import command
+
+    def launch(family):
+        return subprocess.run(command(_argv(configs, data, tmp_path, family, "--epochs", "1")), capture_output=True,
+                              text=True, env=_main_env(), timeout=600)
+
+    proc = launch("resnet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in LOGGED:
+        values = logged(tmp_path / "resnet", key)
+        assert values and all(np.isfinite(values)), key
+    assert (tmp_path / "resnet" / "checkpoints" / "structure_heads_epoch_1.pth").exists()
+    # CoCaTask builds its own loss inputs and would drop the second view: a clear refusal, not a crash
+    proc = launch("coca")
+    assert proc.returncode == 2 and "cannot train a CoCaTask on open_clip main" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "coca")

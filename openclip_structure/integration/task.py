@@ -34,6 +34,8 @@ from ..audio import name_modalities
 from ..heads import restore_saved
 from ..schedule import PROGRESS
 from . import checkpoints, progress, shim, state
+from ..registry import view_flags
+from .model import refuse
 from .parallel import _cpu_only
 
 #: open_clip main snapshots the task table was checked against
@@ -49,8 +51,13 @@ def wrap_create_task(create_task):
             return task
         run.upstream_fsdp = True
         if getattr(args, "val_structure_metrics", "gap") == "all":
-            raise flags.FlagError("--val-structure-metrics all is not supported on open_clip main's task API "
-                                  "(use 'gap', or python -m openclip_structure.evaluate on a checkpoint)")
+            refuse(args, flags.FlagError("--val-structure-metrics all is not supported on open_clip main's task "
+                                         "API (use 'gap', or python -m openclip_structure.evaluate on a checkpoint)"))
+        if flags.views_enabled(args) and hasattr(task, "_build_loss_inputs"):  # CoCaTask
+            refuse(args, flags.FlagError(
+                f"the view-based terms ({view_flags()}) cannot train a {type(task).__name__} on open_clip main: "
+                "it builds its loss inputs itself and drops the second view (they train CoCa on open_clip 3.x; "
+                "on main use the loss-only terms)"))
         base = getattr(task, "loss", None)
         if base is not None:
             task.loss = factory.create_loss(args, base_factory=lambda _args: base, progress=PROGRESS)
