@@ -116,13 +116,21 @@ def shift_diagnostic(img, txt, labels=None, alphas: Sequence[float] = DEFAULT_AL
 def evaluate_embeddings(img, txt, labels=None, *, seed: int = 0, k: Optional[int] = None, shift: bool = False,
                         alphas: Sequence[float] = DEFAULT_ALPHAS, text_image=None) -> dict:
     """``{"metrics": all_metrics(...)[, "shift": rows]}`` for precomputed embeddings (``text_image``:
-    the image row of each caption row, for several captions per image).
+    the image row of each caption row, for several captions per image). Beside ``gap`` the metrics
+    hold its noise floor, ``gap_floor`` and ``gap_floor_std`` (:func:`metrics.gap_noise_floor`, 200
+    random splits of the pooled image + text rows).
 
     ``labels`` (one per image) with fewer than two classes are ignored (group metrics need two).
     """
     if labels is not None and np.unique(labels).size < 2:
         labels = None
-    out = {"metrics": MC.all_metrics(img, txt, labels, text_image=text_image, k=k, seed=seed)}
+    metrics = MC.all_metrics(img, txt, labels, text_image=text_image, k=k, seed=seed)
+    floor, floor_std = M.gap_noise_floor(img, txt, seed=seed)  # beside the gap: its noise floor
+    out = {"metrics": {}}
+    for key, value in metrics.items():
+        out["metrics"][key] = value
+        if key == "gap":
+            out["metrics"].update(gap_floor=floor, gap_floor_std=floor_std)
     if shift:
         out["shift"] = shift_diagnostic(img, txt, labels, alphas=alphas, k=k, seed=seed, text_image=text_image)
     return out

@@ -11,6 +11,7 @@ Label-free measures (paired image/text embeddings, pair ``i`` is ``img[i] <-> tx
 - ``modality_gap``            centroid distance; Liang et al. 2022, "Mind the Gap:
                               Understanding the Modality Gap in Multi-modal Contrastive
                               Representation Learning" (NeurIPS 2022).
+- ``gap_noise_floor``         the gap of random splits of the pooled rows: the measure's noise floor.
 - ``cos_true_pairs``          mean cosine of matching pairs; Grassucci et al. 2026,
                               "Closing the Modality Gap Aligns Group-Wise Semantics" (ICLR 2026).
 - ``mean_intra_modal_cosine`` mean off-diagonal cosine within one modality; Grassucci et al. 2026.
@@ -63,6 +64,7 @@ from .retrieval import caption_retrieval_recall, class_retrieval_recall, retriev
 
 __all__ = [
     "modality_gap",
+    "gap_noise_floor",
     "cos_true_pairs",
     "mean_intra_modal_cosine",
     "fang_uniformity",
@@ -91,6 +93,30 @@ def modality_gap(img, txt) -> float:
     """
     a, b = _paired(img, txt)
     return float(np.linalg.norm(_mean(a) - _mean(b)))
+
+
+def gap_noise_floor(img, txt, splits: int = 200, seed: int = 0) -> tuple[float, float]:
+    """Noise floor of :func:`modality_gap`: (mean, std) over ``splits`` random splits of the pooled
+    image + text rows into two sets of the modalities' sizes (halves when paired) of the distance
+    between the two sets' centroids.
+
+    It is the gap that a sample of this size shows when the modalities are exchangeable (the
+    permutation null of the gap); it falls as ``1/sqrt(rows)``. ``img`` and ``txt`` need not be
+    paired (several captions per image: every caption row counts). Rows are L2-normalised here.
+    """
+    a, b = _embeddings(img, "img"), _embeddings(txt, "txt")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"img and txt must have the same dimension, got {a.shape[1]} and {b.shape[1]}")
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    pooled = np.concatenate([a, b]).astype(np.float64)
+    n_a, total = a.shape[0], pooled.sum(axis=0)
+    rng = np.random.default_rng(seed)
+    dist = np.empty(splits)
+    for i in range(splits):
+        sum_a = pooled[rng.permutation(pooled.shape[0])[:n_a]].sum(axis=0)
+        dist[i] = np.linalg.norm(sum_a / n_a - (total - sum_a) / b.shape[0])
+    return float(dist.mean()), float(dist.std(ddof=1)) if splits > 1 else 0.0
 
 
 def cos_true_pairs(img, txt) -> float:
