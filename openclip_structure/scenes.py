@@ -21,6 +21,8 @@ fixed) so that the seed gives the same data as the measured runs.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 
@@ -67,18 +69,20 @@ def scene_samples(image_size: int = 32, seed: int = 0) -> list[Sample]:
         raise ValueError(f"image_size {image_size} is too small for the scenes (at least {CANVAS_MIN})")
     digits = load_digits()
     rng = np.random.default_rng(seed)
+    return [_scene(px, int(y), rng, image_size, f"scenes_{i:06d}")
+            for i, (px, y) in enumerate(zip(digits.images, digits.target))]
+
+
+def _scene(px: np.ndarray, y: int, rng: np.random.Generator, image_size: int, key: str) -> Sample:
+    """One captioned scene of the digit ``px`` (label ``y``), every draw from ``rng``."""
     inks, backs = list(INKS), list(BACKGROUNDS)
-    samples = []
-    for i, (px, y) in enumerate(zip(digits.images, digits.target)):
-        ink, back = inks[rng.integers(len(inks))], backs[rng.integers(len(backs))]
-        size = int(rng.integers(DIGIT_SIZE[0], DIGIT_SIZE[1] + 1))
-        dx, dy = rng.random(2)
-        template = SCENE_TEMPLATES[rng.integers(len(SCENE_TEMPLATES))]
-        word = DIGIT_WORDS[y] if rng.random() < 0.5 else str(int(y))
-        img = _render(px, INKS[ink], size, float(dx), float(dy), BACKGROUNDS[back], image_size)
-        caption = template.format(i=ink, d=word, b=back)
-        samples.append(Sample(f"scenes_{i:06d}", _png_bytes(img), caption, int(y)))
-    return samples
+    ink, back = inks[rng.integers(len(inks))], backs[rng.integers(len(backs))]
+    size = int(rng.integers(DIGIT_SIZE[0], DIGIT_SIZE[1] + 1))
+    dx, dy = rng.random(2)
+    template = SCENE_TEMPLATES[rng.integers(len(SCENE_TEMPLATES))]
+    word = DIGIT_WORDS[y] if rng.random() < 0.5 else str(int(y))
+    img = _render(px, INKS[ink], size, float(dx), float(dy), BACKGROUNDS[back], image_size)
+    return Sample(key, _png_bytes(img), template.format(i=ink, d=word, b=back), int(y))
 
 
 def write_scenes_dataset(out_dir, image_size: int = 32, seed: int = 0, **kw) -> dict:
@@ -86,3 +90,44 @@ def write_scenes_dataset(out_dir, image_size: int = 32, seed: int = 0, **kw) -> 
     held-out zero-shot templates), like ``write_digits_dataset``."""
     return write_dataset(scene_samples(image_size, seed), out_dir, seed=seed, classnames=list(DIGIT_WORDS),
                          templates=list(DIGIT_ZEROSHOT_TEMPLATES), **kw)
+
+
+# issue 22: the gap's noise floor (random halves of the pooled embeddings) falls as 1/sqrt(pairs); 450
+# validation pairs give ~0.066, above the gap the gap loss leaves. 40 draws of each held-out digit give
+# 18,000 pairs, a floor of ~0.0105: <= 1/10 of the learned-temperature baseline's gap (~0.11).
+VAL_REPEATS = 40
+
+
+def write_scenes_bigval_dataset(out_dir, image_size: int = 32, seed: int = 0, val_fraction: float = 0.25,
+                                train_shards: int = 8, val_shards: int = 2, val_repeats: int = VAL_REPEATS) -> dict:
+    """The scenes with a validation set ``val_repeats`` times larger: the TRAINING shards are exactly
+    those of :func:`write_scenes_dataset` (same split, same scenes); each held-out digit is drawn
+    ``val_repeats`` times (its first draw the scenes' own validation scene, the others with fresh ink,
+    background, template and word/numeral draws; keys ``scenes_<i>_r<k>``). No training digit
+    appears in validation. Validation costs no training time and its noise floor falls as
+    ``1/sqrt(val_repeats)``."""
+    from pathlib import Path
+
+    from sklearn.datasets import load_digits
+
+    from .shards import split_train_val, write_prompt_files, write_shards
+
+    if val_repeats < 1:
+        raise ValueError(f"val_repeats must be >= 1, got {val_repeats}")
+    train, val = split_train_val(scene_samples(image_size, seed), val_fraction, seed)
+    digits = load_digits()
+    rng = np.random.default_rng([seed, 22])
+    extra = []
+    for k in range(1, val_repeats):
+        for s in val:
+            i = int(s.key.split("_")[1])
+            extra.append(_scene(digits.images[i], int(digits.target[i]), rng, image_size, f"{s.key}_r{k:02d}"))
+    out = Path(out_dir)
+    info = {"train": write_shards(train, out / "train", num_shards=train_shards),
+            "val": write_shards(val + extra, out / "val", num_shards=val_shards),
+            "num_classes": len({s.label for s in train + val}), "val_repeats": val_repeats}
+    prompts = write_prompt_files(out, list(DIGIT_WORDS), list(DIGIT_ZEROSHOT_TEMPLATES))
+    if prompts:
+        info["prompts"] = prompts
+    (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
