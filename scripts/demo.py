@@ -43,6 +43,10 @@ FIXED_T = ["--fixed-temperature", "0.1"]
 EXTRA_METHODS = {
     "baseline_fixed_t": FIXED_T,
     "gap_fixed_t": METHODS["gap"] + FIXED_T,
+    # the learned temperature started at open_clip's clamp (logit scale 100, T 0.01) instead of 1/0.07: the
+    # same architecture and initial weights (structure-tiny-avg-ls100 differs in init_logit_scale only), so
+    # its checkpoint loads into the default model for evaluation; only with the default --model
+    "baseline_ls100": ["--model", "structure-tiny-avg-ls100"],
 }
 # the columns of the printed table: (metrics key, header)
 COLUMNS = [
@@ -295,6 +299,8 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"unknown or unavailable methods {unknown}; available: {sorted(known)}")
         methods = {m: known[m] for m in args.methods}
+        if "baseline_ls100" in methods and size["model"] != "structure-tiny-avg":
+            raise SystemExit("baseline_ls100 is structure-tiny-avg with init_logit_scale ln 100: only with that --model")
 
     start = time.time()
     data = make_data(os.path.join(out_dir, "data"), args.task)

@@ -50,3 +50,18 @@ def test_demo_fixed_temperature_methods_run_only_when_named(tmp_path):
     assert demo.TASK_SIZES["scenes-bigval"] == demo.TASK_SIZES["scenes"]
     with pytest.raises(SystemExit, match="unknown or unavailable"):
         demo.main(["--methods", "nope", "--out", str(tmp_path / "out")])
+
+
+def test_ls100_config_is_the_default_model_with_logit_scale_100():
+    import json
+    import math
+
+    import demo
+
+    cfg_dir = os.path.join(ROOT, "openclip_structure", "model_configs")
+    base = json.load(open(os.path.join(cfg_dir, "structure-tiny-avg.json")))
+    ls100 = json.load(open(os.path.join(cfg_dir, "structure-tiny-avg-ls100.json")))
+    assert ls100.pop("init_logit_scale") == pytest.approx(math.log(100))
+    assert ls100 == base  # same architecture: its checkpoints load into structure-tiny-avg for evaluation
+    assert demo.EXTRA_METHODS["baseline_ls100"] == ["--model", "structure-tiny-avg-ls100"]
+    assert demo.SIZES["default"]["model"] == "structure-tiny-avg"
