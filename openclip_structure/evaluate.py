@@ -176,9 +176,9 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     ``num_samples`` (images), ``num_texts`` (captions: more than ``num_samples`` when a ``.txt``
     holds several lines, each then scored as its own text, the COCO protocol), ``num_classes``
     (None without labels), ``labels_used``, ``labels_note`` (why group metrics were skipped, else
-    None), ``metrics`` (flat dict of floats), ``zeroshot_prompts`` (class names, templates and
-    their source, with labels), ``shift`` (with ``shift=True``), ``plots`` (paths, with
-    ``plots_dir``) and timings. ``diagnostics=True`` adds
+    None), ``metrics`` (flat dict of floats; ``logit_scale`` is the model's 1/T), ``zeroshot_prompts``
+    (class names, templates and their source, with labels), ``shift`` (with ``shift=True``),
+    ``plots`` (paths, with ``plots_dir``) and timings. ``diagnostics=True`` adds
     the per-term structural diagnostics of :mod:`openclip_structure.diagnostics` (one more pass
     over the shards for the augmented view and, when the checkpoint has them, the separation heads).
     """
@@ -199,6 +199,9 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
         zs, res["zeroshot_prompts"] = zeroshot.zero_shot_metrics(model, tokenizer, img, used, data,
                                                                  zeroshot_classnames, zeroshot_templates)
         res["metrics"] = {**zs, **res["metrics"]}
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:  # the trained (or fixed) 1/T, as exp(param)
+        res["metrics"]["logit_scale"] = float(scale.detach().float().exp().cpu())
     if diagnostics:
         from . import diagnostics as D
 

@@ -59,3 +59,27 @@ def test_evaluator_reports_the_floor_beside_the_gap():
     assert res["gap_floor"] == pytest.approx(M.gap_noise_floor(img, txt)[0])
     with pytest.raises(ValueError):
         M.gap_noise_floor(img, txt[:, :4])
+
+
+def test_evaluate_checkpoint_reports_floor_and_logit_scale(tmp_path):
+    import math
+
+    import open_clip
+    import torch
+
+    from openclip_structure import evaluate
+    from openclip_structure.main import register_model_configs
+    from openclip_structure.shards import digits_samples, write_shards
+
+    register_model_configs()
+    torch.manual_seed(0)
+    sd = open_clip.create_model("structure-tiny").state_dict()
+    sd["logit_scale"] = torch.tensor(math.log(37.0))
+    path = tmp_path / "epoch_0.pt"
+    torch.save({"epoch": 0, "state_dict": sd}, path)
+    shards = write_shards(digits_samples(32, 0)[:40], tmp_path / "val", num_shards=1)["pattern"]
+    res = evaluate.evaluate_checkpoint("structure-tiny", str(path), shards, device="cpu")
+    m = res["metrics"]
+    assert m["logit_scale"] == pytest.approx(37.0, rel=1e-5)
+    assert 0 < m["gap_floor"] and list(m)[list(m).index("gap") + 1] == "gap_floor"
+    assert "gap_floor" in evaluate.format_metrics_table({"x": res})
