@@ -2,6 +2,8 @@
 
     python scripts/verdicts.py                     # trains what is missing (runs/verdicts), then reports
     python scripts/verdicts.py --report-only       # only the report, from runs/verdicts/sweep-<name>.json
+    python scripts/verdicts.py --demo runs/scenes-bigval/results.json --pairs gap_fixed_t:baseline \\
+        --results docs/results/scenes_bigval --name pairs   # paired differences between a demo's methods
 
 Each configuration is one ``scripts/sweep.py --sweeps NAME --values W --seeds 0..9 --out runs/verdicts``
 call (the 10 baseline seeds are shared and reused by name); its ``sweep.json`` is kept as
@@ -33,6 +35,9 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 CONFIGS = [("gap", 1.0), ("separation", 0.3), ("inmodal", 0.1), ("gc_aug", 0.05)]
 METRICS = [("zeroshot_top1", "zero-shot top-1"), ("i2t_class_r1", "class R@1 i2t"),
            ("mixed_v_measure", "mixed V")]
+# --demo: the group task's measures (issue 22, item 2)
+DEMO_METRICS = ["gap", "cos_true_pairs", "separability", "mixed_v_measure", "image_v_measure", "text_v_measure",
+                "i2t_r1", "t2i_r1", "i2t_class_r1", "zeroshot_top1"]
 
 
 def paired_stats(base, other, level: float = 0.95) -> dict:
@@ -142,6 +147,35 @@ def markdown(doc: dict, metrics=METRICS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def demo_pairs(doc: dict, pairs, metrics) -> dict:
+    """Paired statistics between methods of one ``scripts/demo.py`` results.json: for each
+    ``(method, reference)`` in ``pairs`` and each metric key, :func:`paired_stats` over their common
+    seeds (``doc["seeds"][m]`` lists the seed of each of ``doc["runs"][m]``)."""
+    by_seed = {m: dict(zip(doc["seeds"][m], doc["runs"][m])) for m in doc["runs"]}
+    out = {}
+    for method, ref in pairs:
+        seeds = sorted(set(by_seed[method]) & set(by_seed[ref]))
+        cell = {}
+        for key in metrics:
+            if all(key in by_seed[x][s] for x in (method, ref) for s in seeds):
+                st = paired_stats([by_seed[ref][s][key] for s in seeds], [by_seed[method][s][key] for s in seeds])
+                cell[key] = {**st, "verdict": "up" if st["ci"][0] > 0 else ("down" if st["ci"][1] < 0 else "neutral")}
+        out[f"{method} vs {ref}"] = {"seeds": seeds, "stats": cell}
+    return out
+
+
+def demo_pairs_markdown(pairs: dict, metrics) -> str:
+    lines = ["| comparison (paired by seed) | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for label, entry in pairs.items():
+        cells = []
+        for key in metrics:
+            st = entry["stats"].get(key)
+            cells.append("-" if st is None else f"{st['diff']:+.3f} [{st['ci'][0]:+.3f}, {st['ci'][1]:+.3f}] "
+                         f"{st['up']}/{st['down']} ({st['verdict']})")
+        lines.append(f"| {label} ({len(entry['seeds'])} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
@@ -149,7 +183,27 @@ def main(argv=None):
     p.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "verdicts"))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report-only", action="store_true", help="read the sweep-<name>.json files, train nothing")
+    p.add_argument("--demo", default=None, metavar="RESULTS_JSON",
+                   help="instead: paired differences between the methods of a demo.py results.json (--pairs)")
+    p.add_argument("--pairs", nargs="+", default=[], metavar="METHOD:REFERENCE")
+    p.add_argument("--metrics", nargs="+", default=None, help="--demo: metric keys (default: the table's)")
+    p.add_argument("--name", default="pairs", help="--demo: output files <name>.json / <name>.md in --results")
     args = p.parse_args(argv)
+    cmd = "python scripts/verdicts.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.demo:
+        metrics = args.metrics or DEMO_METRICS
+        doc = json.load(open(args.demo))
+        pairs = demo_pairs(doc, [tuple(x.split(":", 1)) for x in args.pairs], metrics)
+        md = demo_pairs_markdown(pairs, metrics) + f"\nMean difference [95 % t interval] seeds up/down (verdict). " \
+            f"Produced by `{cmd.strip()}`.\n"
+        os.makedirs(args.results, exist_ok=True)
+        with open(os.path.join(args.results, f"{args.name}.json"), "w") as f:
+            json.dump({"source": args.demo, "source_command": doc.get("command"), "pairs": pairs,
+                       "command": cmd.strip()}, f, indent=1)
+        with open(os.path.join(args.results, f"{args.name}.md"), "w") as f:
+            f.write(md)
+        print(md)
+        return 0
     if not args.report_only:
         import sweep
         for name, w in CONFIGS:
@@ -159,7 +213,6 @@ def main(argv=None):
                 shutil.copy(os.path.join(args.out, f"sweep.{ext}"), os.path.join(args.out, f"sweep-{name}.{ext}"))
     sweeps = {name: json.load(open(os.path.join(args.out, f"sweep-{name}.json"))) for name, _ in CONFIGS}
     doc = report(sweeps)
-    cmd = "python scripts/verdicts.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc["command"] = cmd.strip()
     doc["sweep_commands"] = {name: sweeps[name].get("command") for name, _ in CONFIGS}
     md = markdown(doc) + f"\nProduced by `{cmd.strip()}`.\n"

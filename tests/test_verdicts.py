@@ -71,3 +71,26 @@ def test_report_verdicts():
     assert all(h >= r for h, r in zip(ps, raw)) and len(ps) == 9
     md = V.markdown(doc)
     assert "**helps**" in md and "**hurts**" in md and md.count("\n| ") >= 3 + 10
+
+
+def test_demo_pairs_from_a_results_json(tmp_path):
+    import json
+
+    rng = np.random.default_rng(1)
+    base = [{"gap": g, "mixed_v_measure": 0.3} for g in rng.normal(0.12, 0.01, 5)]
+    # the gap method ran seeds 0, 1, 2 (demo's --method-seeds): paired on those three only
+    gap = [{"gap": b["gap"] - 0.1 + e, "mixed_v_measure": 0.3 + e} for b, e in zip(base[:3], rng.normal(0, 0.002, 3))]
+    doc = {"seeds": {"baseline": [0, 1, 2, 3, 4], "gap": [0, 1, 2]}, "runs": {"baseline": base, "gap": gap},
+           "command": "python scripts/demo.py x"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(doc))
+    out = tmp_path / "res"
+    assert V.main(["--demo", str(path), "--pairs", "gap:baseline", "--metrics", "gap", "mixed_v_measure",
+                   "--results", str(out), "--name", "cmp"]) == 0
+    res = json.loads((out / "cmp.json").read_text())["pairs"]["gap vs baseline"]
+    assert res["seeds"] == [0, 1, 2]
+    st = res["stats"]["gap"]
+    ref = stats.ttest_rel([g["gap"] for g in gap], [b["gap"] for b in base[:3]])
+    assert st["p"] == pytest.approx(ref.pvalue, rel=1e-9) and st["verdict"] == "down" and st["down"] == 3
+    assert res["stats"]["mixed_v_measure"]["verdict"] == "neutral"
+    assert "gap vs baseline (3 seeds)" in (out / "cmp.md").read_text()
