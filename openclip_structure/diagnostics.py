@@ -132,13 +132,14 @@ def load_heads(model, checkpoint) -> Optional[object]:
 
 
 def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, view_aug: str = "crop",
-                           batch_size: int = 256, max_samples: Optional[int] = None, seed: int = 0) -> dict:
+                           batch_size: int = 256, max_samples: Optional[int] = None, seed: int = 0,
+                           json_keys=None) -> dict:
     """Encode the shards' pairs for the diagnostics: ``{"img_aug"[, "img_ind", "txt_ind"]}`` as
-    float32 arrays in shard order (a multi-caption sample's text: its first caption). ``img_aug``:
-    the augmented view of each image (the training view transform of
-    :func:`openclip_structure.views.augmented_view_transform` on the model's validation
-    preprocessing, seeded by ``seed``); ``*_ind``: the independent features of ``heads`` (from the
-    same pooled outputs as the shared projection)."""
+    float32 arrays in shard order (a multi-caption sample's text: its first caption; with
+    ``json_keys`` the captions are those ``.json`` fields). ``img_aug``: the augmented view of each
+    image (the training view transform of :func:`openclip_structure.views.augmented_view_transform`
+    on the model's validation preprocessing, seeded by ``seed``); ``*_ind``: the independent
+    features of ``heads`` (from the same pooled outputs as the shared projection)."""
     import torch
 
     from .shard_encoding import sample_captions
@@ -175,7 +176,7 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
     try:
         with torch.no_grad():
             n = 0
-            for sample in iter_shard_samples(pattern):
+            for sample in iter_shard_samples(pattern, json_keys=json_keys):
                 if max_samples is not None and n >= max_samples:
                     break
                 batch.append(sample)

@@ -15,7 +15,8 @@ first. Every sample of the webdataset shards (``<key>.png|jpg|...`` + ``<key>.tx
 tokenizer, L2-normalised, and scored with :func:`openclip_structure.multicaption.all_metrics`
 (gap measures, retrieval; when every sample has a label and there are at least two classes:
 zero-shot classification (:mod:`openclip_structure.zeroshot`), class-level retrieval and
-group-level clustering / kNN / probe). A ``.txt`` with several lines holds several captions:
+group-level clustering / kNN / probe). A ``.txt`` with several lines holds several captions
+(with ``--json-text-key 'a;b'`` the captions are those fields of ``<key>.json`` instead):
 each is its own text, scored with the COCO protocol (:mod:`openclip_structure.multicaption`);
 the per-term diagnostics and the embedding plot, defined on pairs, use each image's first caption.
 
@@ -46,6 +47,7 @@ import torch
 from . import metrics as M
 from . import multicaption as MC
 from . import zeroshot
+from .captions import _split_keys
 from .shard_encoding import encode_shards
 from .shard_reader import IMAGE_EXTS, DataError, _decode_image, _expand, iter_shard_samples  # noqa: F401
 from .eval_tables import format_metrics_table, format_shift_table
@@ -166,7 +168,8 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
                         device=None, max_samples: Optional[int] = None, seed: int = 0, k: Optional[int] = None,
                         shift: bool = False, alphas: Sequence[float] = DEFAULT_ALPHAS,
                         plots_dir=None, plot_method: str = "pca", label: Optional[str] = None,
-                        zeroshot_classnames=None, zeroshot_templates=None, diagnostics: bool = False) -> dict:
+                        zeroshot_classnames=None, zeroshot_templates=None, diagnostics: bool = False,
+                        json_text_key: Optional[str] = None) -> dict:
     """Load one checkpoint, encode ``data`` and compute every measure.
 
     With labels, the metrics include zero-shot classification (:mod:`openclip_structure.zeroshot`;
@@ -181,13 +184,16 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
     ``plots`` (paths, with ``plots_dir``) and timings. ``diagnostics=True`` adds
     the per-term structural diagnostics of :mod:`openclip_structure.diagnostics` (one more pass
     over the shards for the augmented view and, when the checkpoint has them, the separation heads).
+    ``json_text_key`` (``'a;b'``, open_clip main's ``--json-text-key`` syntax): the captions are
+    those fields of each sample's ``.json``, each its own text, instead of the ``.txt`` lines.
     """
     label = label or default_label(pretrained, model_name)
     t0 = time.perf_counter()
     model, preprocess, tokenizer = load_model(model_name, pretrained, device)
     stats: dict = {}
     img, txt, labels = encode_shards(model, preprocess, tokenizer, data, batch_size=batch_size,
-                                     device=next(model.parameters()).device, max_samples=max_samples, stats=stats)
+                                     device=next(model.parameters()).device, max_samples=max_samples, stats=stats,
+                                     json_keys=json_text_key)
     t1 = time.perf_counter()
     note = _labels_note(labels, stats)
     used = labels if note is None else None
@@ -207,7 +213,7 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
 
         heads = D.load_heads(model, pretrained)
         views = D.encode_structure_views(model, preprocess, tokenizer, data, heads, batch_size=batch_size,
-                                         max_samples=max_samples, seed=seed)
+                                         max_samples=max_samples, seed=seed, json_keys=json_text_key)
         res["metrics"].update(D.structure_diagnostics(img, paired, used, seed=seed, **views))
         res["separation_heads"] = heads is not None
     t2 = time.perf_counter()
@@ -216,6 +222,7 @@ def evaluate_checkpoint(model_name: Optional[str], pretrained: Optional[str], da
         "model": model_name,
         "pretrained": pretrained,
         "data": str(data),
+        "json_text_key": json_text_key,
         "num_samples": int(img.shape[0]),
         "num_texts": int(txt.shape[0]),
         "embed_dim": int(img.shape[1]),
@@ -273,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", default=[], metavar="NAME=CKPT",
                    help="further checkpoints, one column each (CKPT a file or local-dir:PATH; same --model)")
     p.add_argument("--data", required=True, help="webdataset shards, e.g. 'data/val/{00000..00001}.tar'")
+    p.add_argument("--json-text-key", default=None, metavar="'KEY[;KEY...]'",
+                   help="the captions are these fields of each sample's .json (';'-separated, as open_clip main's "
+                        "--json-text-key), each its own text (COCO protocol), instead of the .txt lines")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-samples", type=int, default=None, help="use the first N samples only")
@@ -308,6 +318,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     """Evaluate every requested checkpoint; print tables; return the JSON document."""
     if args.max_samples is not None and args.max_samples < 1:
         raise ValueError(f"--max-samples must be >= 1, got {args.max_samples}")
+    if args.json_text_key is not None and not _split_keys(args.json_text_key):
+        raise ValueError(f"--json-text-key {args.json_text_key!r} names no key (expected e.g. 'caption_a;caption_b')")
     sources: List[Tuple[str, str]] = []
     if args.pretrained or (args.model and args.model.startswith(LOCAL_DIR)):
         sources.append((args.label or default_label(args.pretrained, args.model), args.pretrained))
@@ -330,7 +342,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
             max_samples=args.max_samples, seed=args.seed, k=args.k, shift=args.shift, alphas=args.alphas,
             plots_dir=args.plots, plot_method=args.plot_method, label=label,
             zeroshot_classnames=args.zeroshot_classnames, zeroshot_templates=args.zeroshot_templates,
-            diagnostics=args.diagnostics)
+            diagnostics=args.diagnostics, json_text_key=args.json_text_key)
 
     print(format_metrics_table(results))
     if args.shift:

@@ -1,7 +1,8 @@
 """Encoding the image-caption samples of webdataset shards with a model, every caption its own text.
 
 A sample's ``<key>.txt`` may hold several captions, one per line (COCO-style and recaptioned data;
-the layout CLIP_benchmark's retrieval shards use): each non-empty line is encoded as its own text
+the layout CLIP_benchmark's retrieval shards use), or its ``<key>.json`` the fields named by
+``json_keys`` (open_clip main's ``--json-text-key``): each non-empty line (field) is its own text
 and ``stats["text_image"]`` maps it to its image row (the COCO protocol of
 :mod:`openclip_structure.multicaption`). A single-line caption gives one text per image, in image
 order, exactly as before.
@@ -27,13 +28,16 @@ def sample_captions(text: str) -> list:
 
 @torch.no_grad()
 def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, device=None,
-                  max_samples: Optional[int] = None, stats: Optional[dict] = None):
+                  max_samples: Optional[int] = None, stats: Optional[dict] = None, json_keys=None):
     """Encode the images and captions of webdataset shards.
 
     Returns ``(img [N, D] float32, txt [M, D] float32, labels [N] int64 or None)`` with
     L2-normalised rows: image ``i`` is sample ``i`` in shard order (the first ``max_samples``
     samples when given), text ``j`` is caption ``j`` (every caption of every sample, in order),
-    ``M == N`` with one caption per sample. ``labels`` is None unless every sample has a ``.cls``.
+    ``M == N`` with one caption per sample. With ``json_keys`` (``'a;b'``, open_clip main's
+    ``--json-text-key`` syntax) a sample's captions are those ``.json`` fields, each its own text
+    (:func:`openclip_structure.shard_reader.iter_shard_samples`). ``labels`` is None unless every
+    sample has a ``.cls``.
     ``stats`` (a dict, optional) receives ``num_samples``, ``num_texts``, ``num_labelled``,
     ``skipped``, ``shards``, ``captions`` (the caption texts, in text order) and ``text_image``
     (int64 [M], the image row of each text). Raises :class:`DataError` when there is no complete
@@ -66,7 +70,7 @@ def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, 
         batch.clear()
 
     try:
-        for sample in iter_shard_samples(pattern, stats):
+        for sample in iter_shard_samples(pattern, stats, json_keys=json_keys):
             if max_samples is not None and len(labels) + len(batch) >= max_samples:
                 break
             batch.append(sample)
@@ -82,7 +86,8 @@ def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, 
     stats["captions"] = captions
     stats["text_image"] = np.asarray(owners, dtype=np.int64)
     if n == 0:
-        raise DataError(f"no samples (image + txt caption) in {pattern}"
+        caption = "txt caption" if json_keys is None else f"a non-empty .json field of {json_keys!r}"
+        raise DataError(f"no samples (image + {caption}) in {pattern}"
                         + (f" ({stats['skipped']} incomplete samples skipped)" if stats.get("skipped") else ""))
     img, txt = np.concatenate(imgs), np.concatenate(txts)
     y = np.asarray(labels, dtype=np.int64) if stats["num_labelled"] == n else None

@@ -32,16 +32,34 @@ def tar_samples(urls) -> Iterator[Dict[str, bytes]]:
     return wds.tarfile_to_samples()(wds.SimpleShardList(list(urls)))
 
 
-def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[str, bytes, str, Optional[int]]]:
+def json_caption_text(meta, json_keys) -> Optional[str]:
+    """The caption text of a sample whose captions are the ``.json`` fields ``json_keys`` (open_clip
+    main's ``--json-text-key`` syntax, ``'a;b'``): its non-empty fields in key order, one per line
+    (whitespace inside a field, line breaks included, becomes one space: the tokenizer reads it the
+    same), or None when it has none."""
+    from .captions import json_captions
+
+    captions = [" ".join(c.split()) for c in json_captions(meta, json_keys)]
+    return "\n".join(captions) if captions else None
+
+
+def iter_shard_samples(pattern, stats: Optional[dict] = None,
+                       json_keys=None) -> Iterator[Tuple[str, bytes, str, Optional[int]]]:
     """Stream ``(key, image bytes, caption, label or None)`` from webdataset tar shards.
 
     ``pattern`` is a brace pattern (``::`` separates several) or a list of paths. Members are
     grouped as webdataset does (consecutive members sharing the key = name up to the first dot
-    of the basename). Samples without an image or a ``txt`` caption are skipped and counted in
+    of the basename). The caption is the ``.txt`` member, or with ``json_keys`` (``'a;b'``, as
+    open_clip main's ``--json-text-key``) the non-empty fields of the ``.json`` member, one per line
+    (:func:`json_caption_text`). Samples without an image or a caption are skipped and counted in
     ``stats["skipped"]``.
     """
+    from .captions import _split_keys
+
     stats = {} if stats is None else stats
     stats.setdefault("skipped", 0)
+    if json_keys is not None and not _split_keys(json_keys):
+        raise DataError(f"the JSON caption keys {json_keys!r} name no key (expected e.g. 'caption_a;caption_b')")
     urls = _expand(pattern)
     if not urls:
         raise DataError(f"the pattern {pattern!r} names no shard")
@@ -50,9 +68,15 @@ def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[
         raise DataError(f"{len(missing)} shard(s) not found, e.g. {missing[:3]}")
     stats["shards"] = len(urls)
 
+    def caption_of(fields):
+        if json_keys is None:
+            return fields["txt"].decode("utf-8").strip() if "txt" in fields else None
+        return json_caption_text(fields["json"], json_keys) if "json" in fields else None
+
     def complete(key, fields):
         image = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
-        if image is None or "txt" not in fields:
+        caption = caption_of(fields) if image is not None else None
+        if caption is None:
             stats["skipped"] += 1
             return None
         label = None
@@ -61,7 +85,7 @@ def iter_shard_samples(pattern, stats: Optional[dict] = None) -> Iterator[Tuple[
                 label = int(fields["cls"].decode("utf-8").strip())
             except ValueError as e:
                 raise DataError(f"sample {key}: .cls is not an integer: {fields['cls'][:20]!r}") from e
-        return key, image, fields["txt"].decode("utf-8").strip(), label
+        return key, image, caption, label
 
     for sample in tar_samples(urls):
         fields = {k: v for k, v in sample.items() if not k.startswith("__")}
