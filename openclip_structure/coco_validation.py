@@ -8,11 +8,15 @@ and replaces open_clip's ``image_to_text_*``/``text_to_image_*`` keys and the ga
 COCO-protocol values (:mod:`openclip_structure.multicaption`): an image's rank is that of its
 best-scoring caption, a caption's that of its image; ``num_texts`` is added. Single-caption
 validation data is left exactly as open_clip scores it (the shards are scanned once per run to tell).
+
+On open_clip 3.x the launcher's ``evaluate`` hook runs the pass (:class:`..validation.ValidationHook`);
+on open_clip main the same hook wraps main's ``evaluate(task, ...)`` and encodes with the task's
+evaluation model (:func:`..integration.task.wrap_evaluate`). With main's ``--json-text-key 'a;b'``
+(open_clip then reads ONE field per sample) the captions are those ``.json`` fields, each its own text.
 """
 from __future__ import annotations
 
 import logging
-import time
 from typing import Dict
 
 import numpy as np
@@ -21,6 +25,7 @@ from . import multicaption as MC
 from .retrieval import best_match_ranks
 from .shard_encoding import encode_shards, sample_captions
 from .shard_reader import iter_shard_samples
+from .validation import extra_pass
 
 #: multicaption.gap_metrics key -> the validation key (validation.LABEL_FREE's names)
 VAL_NAMES = {"gap": "modality_gap", "cos_true_pairs": "cos_true_pairs", "intra_image_cos": "intra_image_cos",
@@ -28,9 +33,11 @@ VAL_NAMES = {"gap": "modality_gap", "cos_true_pairs": "cos_true_pairs", "intra_i
              "relative_gap": "relative_modality_gap", "separability": "modality_separability"}
 
 
-def has_multi_captions(pattern) -> bool:
-    """Whether some sample of the shards has two or more captions (``.txt`` lines)."""
-    return any(len(sample_captions(caption)) > 1 for _key, _image, caption, _label in iter_shard_samples(pattern))
+def has_multi_captions(pattern, json_keys=None) -> bool:
+    """Whether some sample of the shards has two or more captions (``.txt`` lines, or with
+    ``json_keys`` the non-empty fields of its ``.json``)."""
+    return any(len(sample_captions(caption)) > 1
+               for _key, _image, caption, _label in iter_shard_samples(pattern, json_keys=json_keys))
 
 
 def open_clip_rank_metrics(img: np.ndarray, txt: np.ndarray, owners: np.ndarray) -> Dict[str, float]:
@@ -51,34 +58,34 @@ class CocoValidation:
     """One per training job: remembers whether the validation shards are multi-caption."""
 
     def __init__(self):
-        self.multi: Dict[str, bool] = {}
+        self.multi: Dict[tuple, bool] = {}
 
     def metrics(self, model, preprocess, tokenizer, args) -> Dict[str, float]:
-        """The COCO-protocol replacements for this evaluation ({} for single-caption data). Never
-        raises: a problem is logged and open_clip's own numbers stay."""
-        pattern = args.val_data
-        try:
-            if pattern not in self.multi:
-                self.multi[pattern] = has_multi_captions(pattern)
-                if self.multi[pattern]:
-                    logging.info("openclip-structure: the validation shards hold several captions per image: "
-                                 "retrieval and gap metrics use the COCO protocol (every caption its own text)")
-            if not self.multi[pattern]:
-                return {}
-            start = time.perf_counter()
-            stats: dict = {}
-            img, txt, _ = encode_shards(model, preprocess, tokenizer, pattern, batch_size=args.batch_size,
-                                        device=args.device, stats=stats)
-            owners = MC.caption_owners(stats["text_image"], len(img), len(txt))
-            if owners is None:
-                return {}
-            out = open_clip_rank_metrics(img, txt, owners)
-            gap = MC.gap_metrics(img, txt, owners, ks=(1,))
-            out.update({VAL_NAMES[k]: v for k, v in gap.items() if k in VAL_NAMES})
-            out["num_texts"] = float(len(txt))
-        except Exception as e:  # noqa: BLE001 - logged, training goes on
-            logging.error(f"openclip-structure: COCO-protocol validation skipped this evaluation: {e}")
-            return {}
-        logging.info(f"openclip-structure: COCO-protocol validation on {len(img)} images / {len(txt)} captions "
-                     f"(extra pass) in {time.perf_counter() - start:.1f}s")
-        return out
+        """The COCO-protocol replacements for this evaluation ({} for single-caption data). The
+        captions are the ``.txt`` lines, or on open_clip main with ``--json-text-key`` the named
+        ``.json`` fields. Never raises: a problem is logged and open_clip's own numbers stay."""
+        pattern, keys = args.val_data, getattr(args, "json_text_key", None) or None
+        return extra_pass("COCO-protocol validation", lambda: self._compute(model, preprocess, tokenizer, args,
+                                                                            pattern, keys))
+
+    def _compute(self, model, preprocess, tokenizer, args, pattern, keys):
+        if (pattern, keys) not in self.multi:
+            self.multi[pattern, keys] = has_multi_captions(pattern, keys)
+            if self.multi[pattern, keys]:
+                source = f"the .json fields {keys!r}" if keys else "the .txt lines"
+                logging.info("openclip-structure: the validation shards hold several captions per image "
+                             f"({source}): retrieval and gap metrics use the COCO protocol (every caption its own "
+                             "text)")
+        if not self.multi[pattern, keys]:
+            return None
+        stats: dict = {}
+        img, txt, _ = encode_shards(model, preprocess, tokenizer, pattern, batch_size=args.batch_size,
+                                    device=args.device, stats=stats, json_keys=keys)
+        owners = MC.caption_owners(stats["text_image"], len(img), len(txt))
+        if owners is None:
+            return None
+        out = open_clip_rank_metrics(img, txt, owners)
+        gap = MC.gap_metrics(img, txt, owners, ks=(1,))
+        out.update({VAL_NAMES[k]: v for k, v in gap.items() if k in VAL_NAMES})
+        out["num_texts"] = float(len(txt))
+        return out, f"{len(img)} images / {len(txt)} captions"

@@ -17,16 +17,18 @@ metrics:
   set, reported in the log).
 * ``none``: nothing is added.
 
-With several captions per image (one per ``.txt`` line) and ``gap`` or ``all``, open_clip's
-retrieval keys and the gap measures are replaced by their COCO-protocol values
-(:mod:`openclip_structure.coco_validation`), and the group metrics use every caption.
+With several captions per image (one per ``.txt`` line; on open_clip main with ``--json-text-key``
+the named ``.json`` fields) and ``gap`` or ``all``, open_clip's retrieval keys and the gap measures
+are replaced by their COCO-protocol values (:mod:`openclip_structure.coco_validation`), and the
+group metrics use every caption. Both extra passes log their time or their error through
+:func:`extra_pass`.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -71,6 +73,27 @@ def first_sample_problem(pattern) -> str:
         return f"cannot read {pattern}: {e}"
 
 
+def extra_pass(what: str, compute: Callable[[], Optional[Tuple[Dict[str, float], str]]]) -> Dict[str, float]:
+    """Run one extra validation pass: ``compute()`` returns ``(metrics, what it read)`` (or None:
+    nothing to add). Never raises: a problem is logged and ``{}`` returned, so a long run is not lost
+    at its validation; the time of a pass that gave metrics is logged."""
+    start = time.perf_counter()
+    try:
+        done = compute()
+    except Exception as e:  # noqa: BLE001 - logged, training goes on
+        logging.error(f"openclip-structure: {what} skipped this evaluation: {e}")
+        return {}
+    if not done:
+        return {}
+    out, read = done
+    logging.info(f"openclip-structure: {what} on {read} (extra pass) in {time.perf_counter() - start:.1f}s")
+    return out
+
+
+def _unwrap(model):  # DDP's .module
+    return getattr(model, "module", model)
+
+
 def _val_runs_this_epoch(data, epoch, args) -> bool:  # the condition open_clip's evaluate uses
     return "val" in data and bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
 
@@ -102,41 +125,36 @@ class ValidationHook:
 
         return get_clip_metrics
 
-    def wrap_evaluate(self, original):
+    def wrap_evaluate(self, original, encoder: Callable = _unwrap):
+        """``original(model, data, epoch, args, ...)`` after rank 0's extra passes; ``encoder(model)``
+        is the module with ``encode_image``/``encode_text`` (open_clip main hands over its task)."""
         @functools.wraps(original)
         def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
             self.pending = {}
             mode = getattr(args, "val_structure_metrics", "none")
             if mode != "none" and args.rank == 0 and _val_runs_this_epoch(data, epoch, args):
                 if mode == "all":
-                    self.pending = self.group_metrics(model, args, tokenizer)
-                self.pending.update(self.coco.metrics(getattr(model, "module", model), self.preprocess_val, tokenizer,
-                                                      args))
+                    self.pending = self.group_metrics(encoder(model), args, tokenizer)
+                self.pending.update(self.coco.metrics(encoder(model), self.preprocess_val, tokenizer, args))
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
 
         return evaluate
 
     def group_metrics(self, model, args, tokenizer) -> Dict[str, float]:
-        """Group metrics from a labelled pass over the validation shards. Never raises: a
-        problem with the data (missing labels, an unreadable shard) is logged and the group
-        metrics are skipped for this evaluation, so a long run is not lost at its validation."""
+        """Group metrics from a labelled pass over the validation shards (:func:`extra_pass`: a
+        problem with the data, missing labels or an unreadable shard, skips them for this evaluation)."""
         from .evaluate import encode_shards, labelled_metrics
 
-        start = time.perf_counter()
-        model = getattr(model, "module", model)
-        try:
+        def compute():
             stats: dict = {}
             with torch.inference_mode():
                 img, txt, labels = encode_shards(model, self.preprocess_val, tokenizer, args.val_data,
                                                  batch_size=args.batch_size, device=args.device, stats=stats)
             if labels is None:
                 raise ValueError(f"some validation samples of {args.val_data} have no .cls label")
-            out = labelled_metrics(model, tokenizer, img, txt, labels, args.val_data,
-                                   getattr(args, "val_zeroshot_classnames", None),
-                                   getattr(args, "val_zeroshot_templates", None), text_image=stats["text_image"])
-        except Exception as e:  # noqa: BLE001 - logged, training goes on
-            logging.error(f"openclip-structure: group metrics skipped this evaluation: {e}")
-            return {}
-        logging.info(f"openclip-structure: group metrics on {len(labels)} labelled validation pairs "
-                     f"(extra pass) in {time.perf_counter() - start:.1f}s")
-        return out
+            return (labelled_metrics(model, tokenizer, img, txt, labels, args.val_data,
+                                     getattr(args, "val_zeroshot_classnames", None),
+                                     getattr(args, "val_zeroshot_templates", None), text_image=stats["text_image"]),
+                    f"{len(labels)} labelled validation pairs")
+
+        return extra_pass("group metrics", compute)

@@ -216,18 +216,37 @@ def test_evaluator_scores_every_caption(random_checkpoint, tmp_path):
     assert {k: one["metrics"][k] for k in paired} == paired  # exactly the paired protocol
 
 
+def coco_val_results(run_dir, val, json_text_key=None):
+    """``(first validation line of the run, the evaluator's metrics on its epoch_1.pt)``, once the
+    validation's retrieval and gap numbers are checked to be the evaluator's COCO-protocol ones
+    (40 validation images with 79 captions)."""
+    import json
+
+    from openclip_structure import evaluate
+
+    r = [json.loads(line) for line in open(run_dir / "checkpoints" / "results.jsonl")][0]
+    ours = evaluate.evaluate_checkpoint("structure-tiny", str(run_dir / "checkpoints" / "epoch_1.pt"), val,
+                                        device="cpu", json_text_key=json_text_key)
+    assert r["num_texts"] == ours["num_texts"] == 79 and ours["num_samples"] == 40
+    m = ours["metrics"]
+    for k in (1, 5, 10):
+        assert r[f"image_to_text_R@{k}"] == pytest.approx(m[f"i2t_r{k}"], abs=1e-9)
+        assert r[f"text_to_image_R@{k}"] == pytest.approx(m[f"t2i_r{k}"], abs=1e-9)
+    for ours_key, val_key in (("gap", "modality_gap"), ("cos_true_pairs", "cos_true_pairs"),
+                              ("separability", "modality_separability")):
+        assert r[val_key] == pytest.approx(m[ours_key], abs=1e-5), val_key
+    return r, m
+
+
 @pytest.mark.slow
 def test_val_data_uses_the_coco_protocol(tmp_path):
     """open_clip 3.x training with multi-caption --val-data: its validation results carry the COCO-
     protocol retrieval and gap numbers, equal to the evaluator's on the saved checkpoint; the group
     metrics (--val-structure-metrics all) use every caption. The training data's one-word captions
     (--text-aug captions) are counted in one log line."""
-    import json
     import subprocess
-    import sys
 
     from helpers import ROOT, command, env
-    from openclip_structure import evaluate
     from openclip_structure.shards import Sample, digits_samples, write_shards
 
     digits = digits_samples()[:104]
@@ -247,20 +266,29 @@ def test_val_data_uses_the_coco_protocol(tmp_path):
                           cwd=ROOT, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     run_dir = tmp_path / "logs" / "coco"
-    r = [json.loads(line) for line in open(run_dir / "checkpoints" / "results.jsonl")][0]
-    ours = evaluate.evaluate_checkpoint("structure-tiny", str(run_dir / "checkpoints" / "epoch_1.pt"), val,
-                                        device="cpu")
-    assert r["num_texts"] == ours["num_texts"] == 79 and ours["num_samples"] == 40
-    m = ours["metrics"]
-    for k in (1, 5, 10):
-        assert r[f"image_to_text_R@{k}"] == pytest.approx(m[f"i2t_r{k}"], abs=1e-9)
-        assert r[f"text_to_image_R@{k}"] == pytest.approx(m[f"t2i_r{k}"], abs=1e-9)
-    for ours_key, val_key in (("gap", "modality_gap"), ("cos_true_pairs", "cos_true_pairs"),
-                              ("separability", "modality_separability")):
-        assert r[val_key] == pytest.approx(m[ours_key], abs=1e-5), val_key
+    r, m = coco_val_results(run_dir, val)
     assert r["i2t_class_r1"] == pytest.approx(m["i2t_class_r1"], abs=1e-9)
     assert r["mixed_v_measure"] == pytest.approx(m["mixed_v_measure"], abs=1e-6)
     log = (run_dir / "out.log").read_text()
     assert "several captions per image" in log and "40 images / 79 captions" in log
     assert log.count("had no text view different from the caption") == 1
     assert "--text-aug captions: 8 of 64 training samples in the first epoch had no text view" in log
+
+
+def test_extra_validation_pass_logs_its_time_or_its_error(caplog):
+    """The COCO-protocol and group-metrics passes share one wrapper: metrics and one timing line, or
+    an error line and {} (training goes on), or {} and no line when there is nothing to add."""
+    import logging
+
+    from openclip_structure.validation import extra_pass
+
+    with caplog.at_level(logging.INFO):
+        assert extra_pass("COCO-protocol validation", lambda: ({"num_texts": 79.0}, "40 images / 79 captions")) \
+            == {"num_texts": 79.0}
+        assert extra_pass("group metrics", lambda: 1 / 0) == {}
+        assert extra_pass("COCO-protocol validation", lambda: None) == {}
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "openclip-structure" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[0][0] == "INFO" and lines[0][1].startswith(
+        "openclip-structure: COCO-protocol validation on 40 images / 79 captions (extra pass) in ")
+    assert lines[1] == ("ERROR", "openclip-structure: group metrics skipped this evaluation: division by zero")
