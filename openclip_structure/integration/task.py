@@ -10,7 +10,9 @@ plugin
   flags are not added there; on CPU, ``prepare_distributed`` of that task object drops
   ``device_ids=[cpu]`` as on 3.x;
 * prepares the model, data, progress and validation metrics with the same hooks as on 3.x, and
-  keeps the separation heads beside each checkpoint (read back after ``load_checkpoint``).
+  keeps the separation heads beside each checkpoint (read back after ``load_checkpoint``);
+* scores multi-caption ``--val-data`` with the COCO protocol, the 3.x pass on the task's evaluation
+  model (:func:`wrap_evaluate`; the captions are the ``.txt`` lines or the ``--json-text-key`` fields).
 
 Names replaced inside open_clip_train's modules (checked at startup like the 3.x table):
 :data:`TABLE`. Supported scope: CLIP models (CLIPTask and its SigLIP/CoCa siblings for the loss-
@@ -104,6 +106,35 @@ def wrap_load_checkpoint(load_checkpoint):
     return load
 
 
+def _eval_model(task):
+    """The module main's validation encodes with (the EMA copy when there is one; DDP unwrapped)."""
+    from open_clip.task import get_model_from_task
+
+    get = getattr(task, "get_trainable_module", None)
+    return get(use_ema=True) if callable(get) else get_model_from_task(task)
+
+
+def wrap_evaluate(evaluate):
+    """main's ``evaluate(task, data, epoch, args, ...)``: rank 0's COCO-protocol pass over multi-caption
+    ``--val-data`` (the ``.txt`` lines, or the ``--json-text-key`` fields), the 3.x hook's own
+    (:meth:`..validation.ValidationHook.wrap_evaluate`) on the task's evaluation model. Not under
+    main's distributed ``--fsdp`` (rank 0 alone cannot run the sharded model; said in the log) nor
+    for a task whose first modality is not images (CLAP)."""
+    @functools.wraps(evaluate)
+    def evaluate_with_coco(task, data, epoch, args, *a, **kw):
+        run = state.current()
+        if run is None or getattr(task, "primary_key", "image") != "image":
+            return evaluate(task, data, epoch, args, *a, **kw)
+        if getattr(args, "fsdp", False) and getattr(args, "distributed", False):
+            if "val" in data and getattr(args, "rank", 0) == 0:
+                logging.info("openclip-structure: no COCO-protocol validation under open_clip main's --fsdp "
+                             "(open_clip's own retrieval numbers stay; a multi-caption sample is one joined text)")
+            return evaluate(task, data, epoch, args, *a, **kw)
+        return run.validation.wrap_evaluate(evaluate, encoder=_eval_model)(task, data, epoch, args, *a, **kw)
+
+    return evaluate_with_coco
+
+
 _MAIN, _PARAMS, _TRAIN = "open_clip_train.main", "open_clip_train.params", "open_clip_train.train"
 R = shim.Replacement
 
@@ -120,6 +151,7 @@ TABLE = (
       hook=wrap_train_one_epoch),
     R(_MAIN, "load_checkpoint", "main", "checkpoints: heads on --resume, skip a half-written latest checkpoint",
       hook=wrap_load_checkpoint),
+    R(_MAIN, "evaluate", "main", "validation: COCO-protocol pass over multi-caption --val-data", hook=wrap_evaluate),
     R(_TRAIN, "get_clip_metrics", "evaluate", "validation: gap metrics from open_clip's validation embeddings",
       hook="get_clip_metrics"),
 )
