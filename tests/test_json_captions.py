@@ -11,6 +11,8 @@ from openclip_structure.coco_validation import has_multi_captions
 from openclip_structure.shard_reader import DataError, iter_shard_samples
 from openclip_structure.shards import Sample, digits_samples, write_shards
 
+from test_multicaption import random_checkpoint  # noqa: F401 (fixture)
+
 KEYS = "cap_a;cap_b;cap_c"
 
 
@@ -77,20 +79,6 @@ def test_evaluator_rejects_a_json_key_list_without_keys(tmp_path, capsys):
     assert evaluate.main(["--model", "structure-tiny", "--data", shard, "--json-text-key", " ; ",
                           "--compare", "x=/nonexistent.pt"]) == 2  # refused before any checkpoint is read
     assert "error: --json-text-key ' ; ' names no key" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory):
-    import open_clip
-    import torch
-
-    from openclip_structure.main import register_model_configs
-
-    register_model_configs()
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "epoch_0.pt"
-    torch.save({"epoch": 0, "state_dict": open_clip.create_model("structure-tiny").state_dict()}, path)
-    return str(path)
 
 
 @pytest.mark.slow
