@@ -69,12 +69,14 @@ GENERAL_OPTIONS: Tuple[Option, ...] = (
         help="Text view of the view-based terms: 'none' = no text view: the text halves of inmodal and "
              "sep_icon are skipped and z^a_T = z_T in gc_aug; 'captions' = another caption of the same sample: "
              "the train data's caption (webdataset <key>.txt, CSV caption column) holds several captions, one "
-             "per line; each step uses one line as the caption and a different line as its view (a sample "
-             "with a single caption gets its EDA copy); 'eda' = EDA-style random word dropout (p=0.1) and one "
-             "random swap of two words."),
-        "the text view: `captions` = another caption of the same sample (multi-caption data); `eda` = word "
-        "dropout (p=0.1) + one word swap (the thesaurus-free part of EDA); `none` = no text view, the text "
-        "halves of `inmodal` and `sep_icon` are skipped"),
+             "per line, or on open_clip main the <key>.json fields named by --json-text-key 'a;b' are the "
+             "captions; each step uses one caption and a different one as its view (a sample with a single "
+             "caption gets its EDA copy); 'eda' = EDA-style random word dropout (p=0.1) and one random swap of "
+             "two words."),
+        "the text view: `captions` = another caption of the same sample (multi-caption data: `.txt` lines, or "
+        "on open_clip main the `.json` fields of `--json-text-key 'a;b'`); `eda` = word dropout (p=0.1) + one "
+        "word swap (the thesaurus-free part of EDA); `none` = no text view, the text halves of `inmodal` and "
+        "`sep_icon` are skipped"),
     Option("--val-structure-metrics", dict(
         choices=["gap", "all", "none"], default="gap",
         help="Extra validation metrics with --val-data (logged as val/...): 'gap' = label-free gap measures "

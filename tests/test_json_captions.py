@@ -106,3 +106,14 @@ def test_evaluator_json_text_key_scores_every_field(random_checkpoint, tmp_path)
     decoy = evaluate.evaluate_checkpoint("structure-tiny", random_checkpoint, shard, device="cpu")
     assert decoy["num_texts"] == 60 and decoy["metrics"]["gap"] != pytest.approx(want["metrics"]["gap"], abs=1e-4)
     assert np.isfinite(res["metrics"]["mixed_v_measure"])
+
+
+def test_text_aug_help_and_flag_table_name_the_json_keys():
+    """--text-aug's help and its README row say that on open_clip main the .json fields of
+    --json-text-key are the captions."""
+    from openclip_structure.flags import GENERAL_OPTIONS, flag_table
+
+    option = next(o for o in GENERAL_OPTIONS if o.flag == "--text-aug")
+    assert "--json-text-key" in option.kwargs["help"] and "open_clip main" in option.kwargs["help"]
+    row = next(line for line in flag_table().splitlines() if line.startswith("| `--text-aug"))
+    assert "`.json` fields of `--json-text-key 'a;b'`" in row
