@@ -125,17 +125,21 @@ class ValidationHook:
 
         return get_clip_metrics
 
-    def wrap_evaluate(self, original, encoder: Callable = _unwrap):
+    def wrap_evaluate(self, original, encoder: Callable = _unwrap, every_rank: bool = False):
         """``original(model, data, epoch, args, ...)`` after rank 0's extra passes; ``encoder(model)``
-        is the module with ``encode_image``/``encode_text`` (open_clip main hands over its task)."""
+        is the module with ``encode_image``/``encode_text`` (open_clip main hands over its task).
+        ``every_rank`` (a model sharded by open_clip main's ``--fsdp``): every rank runs the COCO
+        pass in lockstep over the same data (the sharded model's collectives), rank 0 keeps it."""
         @functools.wraps(original)
         def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
             self.pending = {}
             mode = getattr(args, "val_structure_metrics", "none")
-            if mode != "none" and args.rank == 0 and _val_runs_this_epoch(data, epoch, args):
-                if mode == "all":
+            if mode != "none" and (args.rank == 0 or every_rank) and _val_runs_this_epoch(data, epoch, args):
+                if mode == "all" and not every_rank:  # main (every_rank) refuses 'all'
                     self.pending = self.group_metrics(encoder(model), args, tokenizer)
-                self.pending.update(self.coco.metrics(encoder(model), self.preprocess_val, tokenizer, args))
+                coco = self.coco.metrics(encoder(model), self.preprocess_val, tokenizer, args)
+                if args.rank == 0:
+                    self.pending.update(coco)
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
 
         return evaluate

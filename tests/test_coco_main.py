@@ -45,3 +45,18 @@ def test_val_data_json_text_key_fields_use_the_coco_protocol_on_main(tmp_path):
     on_main(_train_args(train, val, tmp_path / "logs", "coco_json", ["--json-text-key", KEYS]))
     log = _checked_log(tmp_path / "logs" / "coco_json", val, json_text_key=KEYS)
     assert f"several captions per image (the .json fields '{KEYS}')" in log
+
+
+def test_val_data_coco_protocol_under_mains_fsdp(tmp_path):
+    """torchrun, 2 processes, open_clip main's own --fsdp: every rank runs the COCO pass in lockstep
+    on the sharded model (rank 0 alone would wait forever for the others' all-gathers); the numbers
+    rank 0 logs are the evaluator's on the saved checkpoint."""
+    digits = digits_samples()[:104]
+    train = write_shards([Sample(s.key, s.image, s.caption, s.label) for s in digits[:64]],
+                         tmp_path / "train", num_shards=2)["pattern"]
+    val = write_shards([Sample(s.key, s.image, "\n".join(c), s.label) for s, c in zip(*digit_captions(40, 64))],
+                       tmp_path / "val", num_shards=1)["pattern"]
+    on_main(_train_args(train, val, tmp_path / "logs", "fsdp", ["--fsdp", "--precision", "fp32"]), nproc=2,
+            timeout=500)
+    log = _checked_log(tmp_path / "logs" / "fsdp", val)
+    assert "FSDP2" in log

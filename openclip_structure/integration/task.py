@@ -117,20 +117,18 @@ def _eval_model(task):
 def wrap_evaluate(evaluate):
     """main's ``evaluate(task, data, epoch, args, ...)``: rank 0's COCO-protocol pass over multi-caption
     ``--val-data`` (the ``.txt`` lines, or the ``--json-text-key`` fields), the 3.x hook's own
-    (:meth:`..validation.ValidationHook.wrap_evaluate`) on the task's evaluation model. Not under
-    main's distributed ``--fsdp`` (rank 0 alone cannot run the sharded model; said in the log) nor
-    for a task whose first modality is not images (CLAP)."""
+    (:meth:`..validation.ValidationHook.wrap_evaluate`) on the task's evaluation model. Under main's
+    distributed ``--fsdp`` every rank encodes in lockstep (main's own zero-shot evaluation calls the
+    sharded ``encode_*`` the same way) and rank 0 keeps the result. Not for a task whose first
+    modality is not images (CLAP)."""
     @functools.wraps(evaluate)
     def evaluate_with_coco(task, data, epoch, args, *a, **kw):
         run = state.current()
         if run is None or getattr(task, "primary_key", "image") != "image":
             return evaluate(task, data, epoch, args, *a, **kw)
-        if getattr(args, "fsdp", False) and getattr(args, "distributed", False):
-            if "val" in data and getattr(args, "rank", 0) == 0:
-                logging.info("openclip-structure: no COCO-protocol validation under open_clip main's --fsdp "
-                             "(open_clip's own retrieval numbers stay; a multi-caption sample is one joined text)")
-            return evaluate(task, data, epoch, args, *a, **kw)
-        return run.validation.wrap_evaluate(evaluate, encoder=_eval_model)(task, data, epoch, args, *a, **kw)
+        sharded = bool(getattr(args, "fsdp", False) and getattr(args, "distributed", False))
+        return run.validation.wrap_evaluate(evaluate, encoder=_eval_model, every_rank=sharded)(task, data, epoch,
+                                                                                               args, *a, **kw)
 
     return evaluate_with_coco
 
