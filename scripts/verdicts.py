@@ -10,7 +10,9 @@ call (the 10 baseline seeds are shared and reused by name); its ``sweep.json`` i
 ``sweep-<name>.json``. The report pairs every configuration's seed s with the baseline's seed s and
 gives, per metric (zero-shot top-1, class-level R@1 image-to-text, mixed-set V-measure): the mean
 paired difference, its two-sided 95 % t interval, the paired t-test p-value, Holm's adjustment of
-that p over every test of the report, and the sign count (seeds up / down / tied). A metric
+that p over every test of the report, the sign count (seeds up / down / tied) with its exact sign-test
+p, and the same interval without the seed whose baseline is weakest (a gain made by one bad baseline
+run shows there). A metric
 "helps" / "hurts" when its 95 % interval lies above / below 0, else it is "neutral"; a
 configuration "hurts" when any metric hurts, "helps" when one helps and none hurts, else "neutral".
 Writes ``verdicts.json`` (every seed's numbers and the statistics) and ``verdicts.md`` to
@@ -105,6 +107,12 @@ def report(sweeps: dict, configs=CONFIGS, metrics=METRICS) -> dict:
             st["mean"] = float(np.mean([runs[s][key] for s in seeds]))
             st["baseline_mean"] = float(np.mean([b[s][key] for s in seeds]))
             st["verdict"] = verdict(st["ci"])
+            # robustness: the same test without the seed whose baseline is weakest on this metric
+            drop = min(seeds, key=lambda s: b[s][key])
+            rest = [s for s in seeds if s != drop]
+            loo = paired_stats([b[s][key] for s in rest], [runs[s][key] for s in rest])
+            st["without_weakest_baseline_seed"] = {"dropped": drop, "diff": loo["diff"], "ci": loo["ci"],
+                                                   "p": loo["p"], "verdict": verdict(loo["ci"])}
             entry["stats"][key] = st
             tests.append((label, key))
         out["configs"][label] = entry
@@ -133,9 +141,19 @@ def markdown(doc: dict, metrics=METRICS) -> str:
         for k, _ in metrics:
             st = entry["stats"][k]
             cells.append(f"{st['mean']:.3f}: {st['diff']:+.3f} [{st['ci'][0]:+.3f}, {st['ci'][1]:+.3f}], "
-                         f"p {st['p']:.3g} (Holm {st['p_holm']:.2g}), {st['up']}/{st['down']} up/down, "
-                         f"**{st['verdict']}**")
+                         f"p {st['p']:.3g} (Holm {st['p_holm']:.2g}), {st['up']}/{st['down']} up/down "
+                         f"(sign p {st['sign_p']:.2g}), **{st['verdict']}**")
         lines.append(f"| {label} (`{' '.join(entry['flags'])}`) | " + " | ".join(cells) + f" | **{entry['verdict']}** |")
+    lines += ["", "Without the seed whose baseline is weakest on the metric (mean paired difference [95 % t "
+              "interval], verdict):", "", "| configuration | " + " | ".join(label for _, label in metrics) + " |",
+              "|---|" + "---|" * len(metrics)]
+    for label, entry in doc["configs"].items():
+        cells = []
+        for k, _ in metrics:
+            lo = entry["stats"][k]["without_weakest_baseline_seed"]
+            cells.append(f"{lo['diff']:+.3f} [{lo['ci'][0]:+.3f}, {lo['ci'][1]:+.3f}] (seed {lo['dropped']} out), "
+                         f"{lo['verdict']}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed (" + ", ".join(label for _, label in metrics) + "):", "",
               "| seed | baseline | " + " | ".join(doc["configs"]) + " |", "|---|---|" + "---|" * len(doc["configs"])]
     for s in seeds:

@@ -65,6 +65,11 @@ def test_report_verdicts():
                     "c": _doc("c", 0.1, base, neutral)}, configs=configs)
     assert [doc["configs"][c]["verdict"] for c in ("a 1", "b 0.3", "c 0.1")] == ["helps", "hurts", "neutral"]
     assert doc["configs"]["a 1"]["stats"]["zeroshot_top1"]["up"] == 10
+    loo = doc["configs"]["a 1"]["stats"]["zeroshot_top1"]["without_weakest_baseline_seed"]
+    weakest = int(np.argmin(base))
+    d = np.delete(helps["zeroshot_top1"], weakest)
+    assert loo["dropped"] == weakest and loo["diff"] == pytest.approx(d.mean())
+    assert loo["ci"] == pytest.approx(list(stats.t.interval(0.95, df=8, loc=d.mean(), scale=stats.sem(d))))
     assert doc["configs"]["b 0.3"]["flags"] == ["--x", "0.3"]
     ps = [doc["configs"][c]["stats"][k]["p_holm"] for c in doc["configs"] for k, _ in V.METRICS]
     raw = [doc["configs"][c]["stats"][k]["p"] for c in doc["configs"] for k, _ in V.METRICS]
