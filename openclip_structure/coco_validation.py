@@ -25,7 +25,6 @@ from . import multicaption as MC
 from .retrieval import best_match_ranks
 from .shard_encoding import encode_shards, sample_captions
 from .shard_reader import iter_shard_samples
-from .validation import extra_pass
 
 #: multicaption.gap_metrics key -> the validation key (validation.LABEL_FREE's names)
 VAL_NAMES = {"gap": "modality_gap", "cos_true_pairs": "cos_true_pairs", "intra_image_cos": "intra_image_cos",
@@ -60,15 +59,12 @@ class CocoValidation:
     def __init__(self):
         self.multi: Dict[tuple, bool] = {}
 
-    def metrics(self, model, preprocess, tokenizer, args) -> Dict[str, float]:
-        """The COCO-protocol replacements for this evaluation ({} for single-caption data). The
-        captions are the ``.txt`` lines, or on open_clip main with ``--json-text-key`` the named
-        ``.json`` fields. Never raises: a problem is logged and open_clip's own numbers stay."""
+    def compute(self, model, preprocess, tokenizer, args):
+        """``(the COCO-protocol replacements for this evaluation, what was read)``, or None for
+        single-caption data. The captions are the ``.txt`` lines, or on open_clip main with
+        ``--json-text-key`` the named ``.json`` fields. The validation hook runs it as an extra pass
+        (:func:`openclip_structure.validation.extra_pass`: never raises, open_clip's numbers stay)."""
         pattern, keys = args.val_data, getattr(args, "json_text_key", None) or None
-        return extra_pass("COCO-protocol validation", lambda: self._compute(model, preprocess, tokenizer, args,
-                                                                            pattern, keys))
-
-    def _compute(self, model, preprocess, tokenizer, args, pattern, keys):
         if (pattern, keys) not in self.multi:
             self.multi[pattern, keys] = has_multi_captions(pattern, keys)
             if self.multi[pattern, keys]:

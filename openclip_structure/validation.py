@@ -137,7 +137,8 @@ class ValidationHook:
             if mode != "none" and (args.rank == 0 or every_rank) and _val_runs_this_epoch(data, epoch, args):
                 if mode == "all" and not every_rank:  # main (every_rank) refuses 'all'
                     self.pending = self.group_metrics(encoder(model), args, tokenizer)
-                coco = self.coco.metrics(encoder(model), self.preprocess_val, tokenizer, args)
+                coco = extra_pass("COCO-protocol validation", lambda: self.coco.compute(
+                    encoder(model), self.preprocess_val, tokenizer, args))
                 if args.rank == 0:
                     self.pending.update(coco)
             return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
