@@ -47,6 +47,11 @@ def read_heads_beside(path, epoch) -> Optional[Dict[str, torch.Tensor]]:
     return torch.load(beside, map_location="cpu", weights_only=True)
 
 
+def beside_label(path, epoch) -> str:
+    """``path (+ structure_heads_epoch_N.pth)``: where restored heads came from, for the log."""
+    return f"{path} (+ {os.path.basename(heads_path(os.path.dirname(str(path)), epoch))})"
+
+
 def saved_heads(checkpoint: dict, path) -> Optional[Dict[str, torch.Tensor]]:
     """The heads that belong to a training checkpoint: ``checkpoint["structure_heads"]`` (earlier
     versions of the plugin) or the file of its epoch beside it; None when there are none."""
@@ -63,15 +68,6 @@ def check_separation_support(model: nn.Module, model_name: str = "?") -> Dict[st
     """The towers' projections the heads read beside (:func:`openclip_structure.towers.projections`);
     raises :class:`UnsupportedModelError` naming the model and the reason where there is none."""
     return towers.projections(model, model_name)
-
-
-def tower_widths(model: nn.Module) -> Dict[str, int]:
-    """Width of the pooled backbone output that feeds each tower's shared projection."""
-    return towers.head_widths(model, towers.projections(model))
-
-
-def embed_dim(model: nn.Module) -> int:
-    return towers.embed_dim(model, towers.projections(model))
 
 
 def _drop_heads_from_state_dict(module, state_dict, prefix, local_metadata) -> None:

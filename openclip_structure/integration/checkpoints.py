@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from .. import fsdp
-from ..heads import HEADS_FILE, HEADS_KEY, CheckpointHooks, heads_path, heads_state, read_heads_beside  # noqa: F401
+from ..heads import (HEADS_FILE, HEADS_KEY, CheckpointHooks, beside_label, heads_path, heads_state,  # noqa: F401
+                     read_heads_beside)
 from . import progress, state
 from .parallel import bound_optimizer
 
@@ -158,10 +159,10 @@ def restore_heads(run: state.Run, checkpoint, path) -> None:
     hooks.heads, hooks.model = run.heads, run.model
     if isinstance(checkpoint, dict) and HEADS_KEY not in checkpoint and "epoch" in checkpoint \
             and isinstance(path, (str, os.PathLike)):
-        beside = heads_path(os.path.dirname(str(path)), checkpoint["epoch"])
-        if os.path.isfile(beside):
-            checkpoint[HEADS_KEY] = torch.load(beside, map_location="cpu", weights_only=True)
-            path = f"{path} (+ {os.path.basename(beside)})"
+        saved = read_heads_beside(path, checkpoint["epoch"])
+        if saved is not None:
+            checkpoint[HEADS_KEY] = saved
+            path = beside_label(path, checkpoint["epoch"])
     hooks.restore(checkpoint, path)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from typing import Iterator
 
 from .. import factory, flags, fsdp
@@ -97,8 +96,7 @@ def wrap_load_checkpoint(load_checkpoint):
         path, epoch = checkpoints.load_resume_checkpoint(run, lambda p: load_checkpoint(task, p, *a, **kw), path)
         heads = run.heads
         if heads is not None:
-            restore_saved(heads, checkpoints.read_heads_beside(path, epoch),
-                          f"{path} (+ {os.path.basename(checkpoints.heads_path(os.path.dirname(str(path)), epoch))})",
+            restore_saved(heads, checkpoints.read_heads_beside(path, epoch), checkpoints.beside_label(path, epoch),
                           load=lambda saved: fsdp.load_full_params(dict(heads.named_parameters()), saved))
         return epoch
 
