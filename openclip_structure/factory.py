@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .distributed import FeatureBatch, distributed_context, reduce_statistics, scale_grad
+from .losses.runtime import FeatureBatch, distributed_context, reduce_statistics, scale_grad
 from . import registry
 from .losses import RegularizerTerm
 from .registry import regularizers_enabled
@@ -102,10 +102,10 @@ class StructureLoss(nn.Module):
 
     Called exactly like open_clip's losses (``loss(**model_out, output_dict=True)``). The terms
     run in float32 outside autocast, share one gather and one all-reduce per call (see
-    :mod:`openclip_structure.distributed`), and are exact under DDP/FSDP and ``--accum-freq``.
+    :mod:`openclip_structure.losses.runtime`), and are exact under DDP/FSDP and ``--accum-freq``.
     Besides ``image_features``/``text_features`` the terms read every other ``<key>_features``
     tensor of the model output (not ``dist_*``) as ``<key>`` (``image_aug``, ``text_ind``, ...; see
-    :mod:`openclip_structure.views`), with ``text_aug`` = ``text`` when the text is not augmented,
+    :mod:`openclip_structure.views.image`), with ``text_aug`` = ``text`` when the text is not augmented,
     and the step's ``logit_scale`` (``inmodal``).
     """
 

@@ -26,7 +26,7 @@ GROUP_TITLE = "openclip-structure (modality gap and latent modality structure)"
 def _prompt_file(kind: str):
     """argparse type: a zero-shot class-name or template file that reads (checked at parse time)."""
     def parse(text: str) -> str:
-        from . import zeroshot
+        from .evaluation import zeroshot
 
         try:
             (zeroshot.read_classnames if kind == "classnames" else zeroshot.read_templates)(text)
@@ -208,7 +208,7 @@ def validate(args) -> None:
                 args.dataset_type == "auto" and ".tar" not in args.val_data):
             raise FlagError("--val-structure-metrics all reads labels from webdataset validation shards "
                             f"(<key>.cls); --val-data {args.val_data} is not webdataset (use 'gap')")
-        from .validation import first_sample_problem
+        from .evaluation.in_training import first_sample_problem
         problem = first_sample_problem(args.val_data)
         if problem:
             raise FlagError(f"--val-structure-metrics all: {problem} (use 'gap', or add a <key>.cls label)")
@@ -243,10 +243,10 @@ def validate(args) -> None:
     if views_enabled(args) and (getattr(args, "distill_model", None) or getattr(args, "distill_pretrained", None)):
         raise FlagError("distillation (--distill-model/--distill-pretrained) cannot be combined with the "
                         f"two-view regularizers ({view_flags()}): the teacher would see the stacked views")
-    from .audio import check_audio_args
+    from .views.audio import check_audio_args
     check_audio_args(args)  # a view term on an audio-text (CLAP) model: no audio view
     if separation_enabled(args):
-        from . import towers
+        from .views import towers
 
         why = towers.config_problem(getattr(args, "model", None))
         if why:

@@ -20,9 +20,9 @@ is already current and these hooks stand aside.
 """
 from __future__ import annotations
 
-from .integration import flags as _flags
+from .integration import arguments as _flags
 from .integration import state
-from .integration import (wrap_create_loss, wrap_create_model_and_transforms,  # noqa: F401 (the hooks)
+from .integration.hooks import (wrap_create_loss, wrap_create_model_and_transforms,  # noqa: F401 (the hooks)
                           wrap_distributed_data_parallel, wrap_evaluate, wrap_get_clip_metrics, wrap_get_data,
                           wrap_lr_scheduler, wrap_optimizer, wrap_pt_load, wrap_train_one_epoch)
 

@@ -2,7 +2,7 @@
 
 Every regularizer of this package is exact under data parallelism: the gradient DDP/FSDP applies
 for a term is the single-process gradient of that term on the global batch (see
-:mod:`openclip_structure.distributed`). open_clip's base losses are not all like that. With the
+:mod:`openclip_structure.losses.runtime`). open_clip's base losses are not all like that. With the
 DEFAULT flags (no ``--local-loss``, no ``--gather-with-grad``) ``ClipLoss`` gathers the other
 processes' features without gradient, so each process back-propagates the global loss through its
 own rows only; DDP then averages, and the applied gradient is ``1/W`` times the single-process

@@ -12,7 +12,7 @@ Results and discussion: docs/performance.md.
 
 Data parallelism is SIMULATED in one process, exactly as each rank computes it: the features of
 the other W-1 ranks are fixed tensors, and the "gather" (open_clip's ``gather_features`` for
-``ClipLoss(local_loss=True, gather_with_grad=True)``, ``openclip_structure.distributed.
+``ClipLoss(local_loss=True, gather_with_grad=True)``, ``openclip_structure.losses.runtime.
 _gather_with_grad`` for the regularizers) returns ``cat([others before, local rows, others after])``
 so gradients flow into the local rows as with torch.distributed.nn's gather; the statistics
 all-reduce is replaced by ``x *= W`` (what it would give for identically distributed ranks). Network
@@ -63,7 +63,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from openclip_structure import distributed as osd  # noqa: E402
+from openclip_structure.losses import runtime as osd  # noqa: E402
 from openclip_structure.factory import StructureLoss  # noqa: E402
 from openclip_structure.losses import (AlignTruePairs, AugmentedGeometricConsistency, BrownianBridge,  # noqa: E402
                                        CentroidUniformity, GeometricConsistency, InModalContrastive,

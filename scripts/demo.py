@@ -56,7 +56,7 @@ COLUMNS = [
     ("mixed_nmi", "mixed NMI"), ("mixed_ari", "mixed ARI"), ("image_v_measure", "image V"),
     ("text_v_measure", "text V"),
 ]
-# per-term structural diagnostics (openclip_structure.diagnostics): a second table
+# per-term structural diagnostics (openclip_structure.evaluation.diagnostics): a second table
 DIAG_COLUMNS = [
     ("gc_cross_asym", "gc vt-tv asym"), ("gc_inmodal_diff", "gc vv-tt diff"), ("bridge_distance", "bridge dist"),
     ("aug_view_distance", "aug-view dist"), ("sep_image_shared_ind_cos2", "sep img cos²"),
@@ -86,11 +86,11 @@ def available_methods():
 
 
 # the bundled tasks: name -> (writer module, function); "scenes" is the group task with nuisance
-# variation (openclip_structure/scenes.py)
-TASKS = {"digits": ("openclip_structure.shards", "write_digits_dataset"),
-         "scenes": ("openclip_structure.scenes", "write_scenes_dataset"),
+# variation (openclip_structure/data/scenes.py)
+TASKS = {"digits": ("openclip_structure.data.shards", "write_digits_dataset"),
+         "scenes": ("openclip_structure.data.scenes", "write_scenes_dataset"),
          # the same training shards as "scenes", 40x the validation pairs (the gap's noise floor / 6.3)
-         "scenes-bigval": ("openclip_structure.scenes", "write_scenes_bigval_dataset")}
+         "scenes-bigval": ("openclip_structure.data.scenes", "write_scenes_bigval_dataset")}
 
 
 def default_out(name, model, budget="default"):
@@ -152,7 +152,7 @@ def train(method, flags, seed, data, size, out_dir, device, threads=None):
 
 
 def evaluate(ckpt, data, device, model="structure-tiny"):
-    from openclip_structure.evaluate import evaluate_checkpoint
+    from openclip_structure.evaluation.evaluator import evaluate_checkpoint
 
     res = evaluate_checkpoint(model, ckpt, data["val"]["pattern"], device=device, seed=0,
                               diagnostics=True)
@@ -234,8 +234,8 @@ def table(summary, seeds, columns=None):
 
 
 def plots(ckpts, data, out_dir, device, model_name="structure-tiny"):
-    from openclip_structure import plots as P
-    from openclip_structure.evaluate import encode_shards, load_model
+    from openclip_structure.evaluation import plots as P
+    from openclip_structure.evaluation.evaluator import encode_shards, load_model
 
     written = []
     for method in ("baseline", "gap"):
@@ -328,7 +328,7 @@ def main(argv=None):
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
           f"lr {size['lr']:g}, warmup {size['warmup']} steps, "
           f"model {size['model']}; {note}.\n\n{text}\n\nZero-shot top-1 per seed:\n\n{per_seed}\n\nPer-term structural diagnostics "
-          f"(openclip_structure.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
+          f"(openclip_structure.evaluation.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
           f"Produced by `{cmd.strip()}` "
           f"in {time.time() - start:.0f}s.\n")
     with open(os.path.join(out_dir, "results.md"), "w") as f:

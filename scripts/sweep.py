@@ -45,7 +45,7 @@ SWEEPS = {
 # (metrics key, label, higher is better?) shown per sweep; the headline first
 METRICS = [("zeroshot_top1", "zero-shot top-1", True), ("mixed_v_measure", "mixed-set V-measure", True),
            ("i2t_class_r1", "class-level R@1 i2t", True), ("gap", "modality gap", None)]
-# the structural diagnostic each method should move (openclip_structure.diagnostics)
+# the structural diagnostic each method should move (openclip_structure.evaluation.diagnostics)
 DIAGNOSTIC = {"gap": "gap", "gc": "gc_cross_asym", "gc_aug": "aug_view_distance", "bridge": "bridge_distance",
               "bridge_t": "bridge_distance", "separation": "sep_image_shared_ind_abs_corr",
               "inmodal": "aug_view_distance"}
@@ -81,7 +81,7 @@ def paired(base: dict, runs: dict, key: str):
 
 
 def plot(name, values, base, per_value, out_dir, what):
-    from openclip_structure.plots import _figure, _save
+    from openclip_structure.evaluation.plots import _figure, _save
 
     keys = METRICS + [(DIAGNOSTIC[name], f"diagnostic: {DIAGNOSTIC[name]}", None)]
     fig, axes = _figure(len(keys), width=4.2, height=3.4, max_cols=5)

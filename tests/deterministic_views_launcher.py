@@ -4,13 +4,13 @@ The plugin's second image view (random crop + flip) and EDA caption are drawn fr
 process's own random stream, so runs on different numbers of processes see different views. Here
 the second view is a fixed function of the sample (centre crop, resized back, mirrored) and the
 text view a fixed rewording, so the global batch, views included, is the same on any number of
-processes. Test-only: it replaces names in openclip_structure.views, never in a library.
+processes. Test-only: it replaces names in openclip_structure.views.image, never in a library.
 """
 import sys
 
 from torchvision import transforms as T
 
-from openclip_structure import views
+from openclip_structure.views import image as views
 from openclip_structure.main import main
 
 

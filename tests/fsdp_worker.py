@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import open_clip
 from openclip_structure import flags, fsdp
-from openclip_structure.distributed import CPUFriendlyDDP
+from openclip_structure.losses.runtime import CPUFriendlyDDP
 from openclip_structure.factory import create_loss
 from openclip_structure.main import register_model_configs
 
@@ -64,7 +64,8 @@ def batches(n_steps, two_views=False, seed=1):
 
 
 def build(seed=0, heads=False, grad_checkpointing=False):
-    from openclip_structure import heads as heads_mod, views
+    from openclip_structure.views import heads as heads_mod
+    from openclip_structure.views import image as views
 
     torch.manual_seed(seed)
     model = open_clip.create_model("structure-tiny", output_dict=True)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from openclip_structure.distributed import FeatureBatch, reduce_statistics
+from openclip_structure.losses.runtime import FeatureBatch, reduce_statistics
 from openclip_structure.losses import (AugmentedGeometricConsistency, BrownianBridge, GeometricConsistency,
                                        IndependentHead, InModalContrastive, SeparationInModalContrast,
                                        SeparationOrthogonality, SeparationUniformity)

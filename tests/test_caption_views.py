@@ -15,9 +15,9 @@ import open_clip
 import pytest
 import torch
 
-from openclip_structure.captions import CaptionPair, json_captions, split_captions
-from openclip_structure.shards import Sample, digits_samples, write_shards
-from openclip_structure.text_views import TwoCaptions, ViewCountingLoader, wrap_get_data
+from openclip_structure.data.captions import CaptionPair, json_captions, split_captions
+from openclip_structure.data.shards import Sample, digits_samples, write_shards
+from openclip_structure.views.text import TwoCaptions, ViewCountingLoader, wrap_get_data
 
 import openclip_structure
 
@@ -129,7 +129,7 @@ MAIN_SCRIPT = r"""
 import json, sys, open_clip, torch
 from open_clip_train.data import get_data
 from open_clip_train.params import parse_args
-from openclip_structure.text_views import wrap_get_data
+from openclip_structure.views.text import wrap_get_data
 shard, model_configs = sys.argv[1:3]
 open_clip.add_model_config(model_configs)
 args = parse_args(["--train-data", shard, "--dataset-type", "webdataset", "--train-num-samples", "12",

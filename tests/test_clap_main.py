@@ -82,7 +82,7 @@ def val_results(run_dir) -> dict:
 
 
 def test_view_terms_refused_on_an_audio_model_in_process():
-    from openclip_structure.audio import check_audio_args
+    from openclip_structure.views.audio import check_audio_args
     from openclip_structure.errors import FlagError
 
     ns = dict(model="some-clap", gc_aug_weight=0.0, bridge_weight=0.0, sep_weight=1.0, inmodal_weight=0.0,
@@ -201,7 +201,7 @@ def test_clap_task_names_the_audio_embeddings_in_the_nonfinite_error(caplog):
     import torch
     from open_clip import ClipLoss
 
-    from openclip_structure.audio import name_modalities
+    from openclip_structure.views.audio import name_modalities
     from openclip_structure.factory import NonFiniteLossError, create_loss
     from test_gap_loss import make_args
 

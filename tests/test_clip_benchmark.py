@@ -1,4 +1,4 @@
-"""CLIP_benchmark's local webdataset layout (openclip_structure.benchmark_shards), and CLIP_benchmark
+"""CLIP_benchmark's local webdataset layout (openclip_structure.evaluation.benchmark_data), and CLIP_benchmark
 itself scoring an exported model on it: its zero-shot accuracy and retrieval recall equal the
 evaluator's."""
 import json
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from openclip_structure import evaluate, export, zeroshot
-from openclip_structure.benchmark_shards import main as export_main
-from openclip_structure.benchmark_shards import write_benchmark_shards
-from openclip_structure.shards import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples, \
+from openclip_structure.evaluation import evaluator as evaluate
+from openclip_structure.evaluation import exporter as export
+from openclip_structure.evaluation import zeroshot
+from openclip_structure.evaluation.benchmark_data import main as export_main
+from openclip_structure.evaluation.benchmark_data import write_benchmark_shards
+from openclip_structure.data.shards import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples, \
     read_shards, write_digits_dataset, write_shards
 
 MODEL = "structure-tiny"

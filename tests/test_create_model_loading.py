@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from openclip_structure.configs import MODEL_CONFIG_DIR
-from openclip_structure.shards import digits_samples, write_dataset
+from openclip_structure.data.shards import digits_samples, write_dataset
 
 from helpers import run
 

@@ -118,7 +118,8 @@ def test_autocast_low_precision_inputs_give_float32_terms(dtype):
 def tiny_two_view_model():
     import open_clip
 
-    from openclip_structure import heads, views
+    from openclip_structure.views import heads
+    from openclip_structure.views import image as views
     from openclip_structure.main import register_model_configs
 
     register_model_configs()

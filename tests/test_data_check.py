@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from openclip_structure import data_check, plugin
+from openclip_structure import plugin
+from openclip_structure.data import check as data_check
 from openclip_structure import main as launcher
-from openclip_structure.data_check import brace_pattern, expand_sources, missing_source
+from openclip_structure.data.check import brace_pattern, expand_sources, missing_source
 from openclip_structure.errors import FlagError
 
 from helpers import ROOT, command, env
@@ -123,7 +124,9 @@ def test_expansion_is_open_clips(shards):
 
 
 def test_one_expansion_helper_shared():
-    from openclip_structure import shard_reader, shards, zeroshot
+    from openclip_structure.data import reader as shard_reader
+    from openclip_structure.data import shards
+    from openclip_structure.evaluation import zeroshot
 
     assert not hasattr(shards, "_expand")
     for module in (shard_reader, shards, zeroshot):

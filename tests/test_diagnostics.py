@@ -1,4 +1,4 @@
-"""Per-term structural diagnostics (openclip_structure.diagnostics) against plain loops, and in the
+"""Per-term structural diagnostics (openclip_structure.evaluation.diagnostics) against plain loops, and in the
 evaluator with a checkpoint that carries separation heads."""
 import json
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from openclip_structure import diagnostics as D
-from openclip_structure import evaluate
-from openclip_structure import embedding_input as EI
-from openclip_structure import metrics as M
-from openclip_structure.heads import heads_path
-from openclip_structure.shards import digits_samples, write_shards
+from openclip_structure.evaluation import diagnostics as D
+from openclip_structure.evaluation import evaluator as evaluate
+from openclip_structure.evaluation import inputs as EI
+from openclip_structure.evaluation import metrics as M
+from openclip_structure.views.heads import heads_path
+from openclip_structure.data.shards import digits_samples, write_shards
 
 MODEL = "structure-tiny"
 
@@ -90,7 +90,7 @@ def ckpt_with_heads(tmp_path_factory):
     features = shared features, so the measures are known), saved as a training checkpoint."""
     import open_clip
 
-    from openclip_structure.heads import HEADS_KEY, attach_heads, heads_state
+    from openclip_structure.views.heads import HEADS_KEY, attach_heads, heads_state
     from openclip_structure.main import register_model_configs
 
     register_model_configs()

@@ -1,4 +1,4 @@
-"""Evaluator CLI, local-dir export and plots (openclip_structure.evaluate / export / plots)."""
+"""Evaluator CLI, local-dir export and plots (openclip_structure.evaluation.evaluator / export / plots)."""
 import argparse
 import io
 import json
@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from openclip_structure import evaluate, export, plots
-from openclip_structure.metrics import gap_metrics
-from openclip_structure.shards import (DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples,
+from openclip_structure.evaluation import evaluator as evaluate
+from openclip_structure.evaluation import exporter as export
+from openclip_structure.evaluation import plots
+from openclip_structure.evaluation.metrics import gap_metrics
+from openclip_structure.data.shards import (DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples,
                                        write_digits_dataset, write_prompt_files, write_shards)
 
 REPO = Path(__file__).resolve().parents[1]

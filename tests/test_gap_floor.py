@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from openclip_structure import metrics as M
-from openclip_structure.evaluate import evaluate_embeddings
+from openclip_structure.evaluation import metrics as M
+from openclip_structure.evaluation.evaluator import evaluate_embeddings
 
 
 def _unit(x):
@@ -67,9 +67,9 @@ def test_evaluate_checkpoint_reports_floor_and_logit_scale(tmp_path):
     import open_clip
     import torch
 
-    from openclip_structure import evaluate
+    from openclip_structure.evaluation import evaluator as evaluate
     from openclip_structure.main import register_model_configs
-    from openclip_structure.shards import digits_samples, write_shards
+    from openclip_structure.data.shards import digits_samples, write_shards
 
     register_model_configs()
     torch.manual_seed(0)

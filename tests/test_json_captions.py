@@ -7,9 +7,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from openclip_structure.coco_validation import has_multi_captions
-from openclip_structure.shard_reader import DataError, iter_shard_samples
-from openclip_structure.shards import Sample, digits_samples, write_shards
+from openclip_structure.evaluation.coco import has_multi_captions
+from openclip_structure.data.reader import DataError, iter_shard_samples
+from openclip_structure.data.shards import Sample, digits_samples, write_shards
 
 from test_multicaption import random_checkpoint  # noqa: F401 (fixture)
 
@@ -72,7 +72,7 @@ def test_reader_takes_the_named_json_fields_as_the_captions(tmp_path):
 
 
 def test_evaluator_rejects_a_json_key_list_without_keys(tmp_path, capsys):
-    from openclip_structure import evaluate
+    from openclip_structure.evaluation import evaluator as evaluate
 
     digits = digits_samples()
     shard = write_json_shard(tmp_path / "0.tar", [("s0", digits[0].image, 0, {"cap_a": "x"})])
@@ -86,7 +86,7 @@ def test_evaluator_json_text_key_scores_every_field(random_checkpoint, tmp_path)
     """The same captions as .json fields (--json-text-key, with a decoy .txt beside them) and as
     .txt lines give exactly the same evaluation: num_texts, COCO-protocol recalls, gap and group
     metrics; without the flag the evaluator reads the decoy .txt (one text per image)."""
-    from openclip_structure import evaluate
+    from openclip_structure.evaluation import evaluator as evaluate
 
     base, lines = digit_captions(60)
     shard = write_json_shard(tmp_path / "json.tar", [(s.key, s.image, s.label, as_meta(c))

@@ -13,7 +13,7 @@ import torch
 
 from openclip_structure import main as launcher
 from openclip_structure.schedule import PROGRESS
-from openclip_structure.shards import digits_samples, write_dataset
+from openclip_structure.data.shards import digits_samples, write_dataset
 
 from helpers import ROOT, logged, run
 

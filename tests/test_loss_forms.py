@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import openclip_structure.distributed as osd
-from openclip_structure.distributed import FeatureBatch
+import openclip_structure.losses.runtime as osd
+from openclip_structure.losses.runtime import FeatureBatch
 from openclip_structure.losses import (AugmentedGeometricConsistency, CentroidUniformity, GeometricConsistency,
                                        InModalContrastive, ModalityUniformity, SeparationInModalContrast,
                                        SeparationUniformity)

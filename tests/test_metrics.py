@@ -5,8 +5,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from openclip_structure import embedding_input as EI
-from openclip_structure import metrics as M
+from openclip_structure.evaluation import inputs as EI
+from openclip_structure.evaluation import metrics as M
 
 
 def _unit(x):

@@ -5,9 +5,9 @@ exactly the paired numbers."""
 import numpy as np
 import pytest
 
-from openclip_structure import embedding_input as EI
-from openclip_structure import metrics as M
-from openclip_structure import multicaption as MC
+from openclip_structure.evaluation import inputs as EI
+from openclip_structure.evaluation import metrics as M
+from openclip_structure.evaluation import multicaption as MC
 
 
 def _unit(x):
@@ -179,8 +179,8 @@ def test_evaluator_scores_every_caption(random_checkpoint, tmp_path):
     import json
     import torch
 
-    from openclip_structure import evaluate
-    from openclip_structure.shards import Sample, digits_samples, write_shards
+    from openclip_structure.evaluation import evaluator as evaluate
+    from openclip_structure.data.shards import Sample, digits_samples, write_shards
 
     base = digits_samples()[:60]
     lines = [[f"{s.caption}, picture {i}", f"the digit {s.label}, image {i}", f"picture {i}"][: 1 + i % 3]
@@ -222,7 +222,7 @@ def coco_val_results(run_dir, val, json_text_key=None):
     (40 validation images with 79 captions)."""
     import json
 
-    from openclip_structure import evaluate
+    from openclip_structure.evaluation import evaluator as evaluate
 
     r = [json.loads(line) for line in open(run_dir / "checkpoints" / "results.jsonl")][0]
     ours = evaluate.evaluate_checkpoint("structure-tiny", str(run_dir / "checkpoints" / "epoch_1.pt"), val,
@@ -247,7 +247,7 @@ def test_val_data_uses_the_coco_protocol(tmp_path):
     import subprocess
 
     from helpers import ROOT, command, env
-    from openclip_structure.shards import Sample, digits_samples, write_shards
+    from openclip_structure.data.shards import Sample, digits_samples, write_shards
 
     digits = digits_samples()[:104]
     # training: every 8th sample a one-word caption (no different text view), the others two captions
@@ -280,7 +280,7 @@ def test_extra_validation_pass_logs_its_time_or_its_error(caplog):
     an error line and {} (training goes on), or {} and no line when there is nothing to add."""
     import logging
 
-    from openclip_structure.validation import extra_pass
+    from openclip_structure.evaluation.in_training import extra_pass
 
     with caplog.at_level(logging.INFO):
         assert extra_pass("COCO-protocol validation", lambda: ({"num_texts": 79.0}, "40 images / 79 captions")) \

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from openclip_structure.shards import digits_samples, write_dataset
+from openclip_structure.data.shards import digits_samples, write_dataset
 
 from helpers import ROOT, command, logged
 

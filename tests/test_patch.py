@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import open_clip_train
-from openclip_structure.shards import digits_samples, write_dataset
+from openclip_structure.data.shards import digits_samples, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED = Path(open_clip_train.__file__).resolve().parent
@@ -38,7 +38,7 @@ def copy_package(dest: Path, version: str = None) -> Path:
 
 def script(*args):
     """``python -m openclip_structure.patch args``."""
-    return subprocess.run([sys.executable, "-m", "openclip_structure.patch", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "openclip_structure.integration.hook_patch", *map(str, args)], capture_output=True,
                           text=True, timeout=60, env=env(Path(ROOT)), cwd=str(ROOT))
 
 
@@ -130,7 +130,7 @@ def test_apply_check_revert_round_trip(tmp_path, applier):
 def test_patch_module_does_not_import_torch():
     """``python -m openclip_structure.patch`` patches open_clip without loading torch (fast, and
     usable where torch is broken)."""
-    proc = subprocess.run([sys.executable, "-c", "import sys, openclip_structure.patch as p; "
+    proc = subprocess.run([sys.executable, "-c", "import sys, openclip_structure.integration.hook_patch as p; "
                            "p.run(['--check']); sys.exit('torch' in sys.modules)"],
                           capture_output=True, text=True, timeout=60, env=env(Path(ROOT)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -284,8 +284,8 @@ def test_launcher_on_a_patched_open_clip_train_does_not_double_patch(patched_sit
 # -------------------------------------------------------------------------------- the patch files
 def test_patches_are_generic_twins():
     """The 3.x and 2.x patches create the same plugins module; neither names this project."""
-    from openclip_structure import unified_diff as tool
-    from openclip_structure.patch import PATCHES
+    from openclip_structure.integration import unified_diff as tool
+    from openclip_structure.integration.hook_patch import PATCHES
 
     created = {}
     for name, package in (("open_clip_train-3.x-plugins.patch", "open_clip_train"),
@@ -301,7 +301,7 @@ def test_patches_are_generic_twins():
 
 
 def test_built_in_applier_offsets_and_missing_final_newline():
-    from openclip_structure import unified_diff as tool
+    from openclip_structure.integration import unified_diff as tool
 
     patch = ("--- a/x.py\n+++ b/x.py\n@@ -2,3 +2,3 @@\n a\n-b\n+B\n c\n"
              "@@ -8,2 +8,2 @@\n g\n-h\n\\ No newline at end of file\n+H\n\\ No newline at end of file\n")

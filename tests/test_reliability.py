@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.factory import create_loss
-from openclip_structure.shards import Sample, digits_samples, write_dataset, write_shards
+from openclip_structure.data.shards import Sample, digits_samples, write_dataset, write_shards
 
 from helpers import X_TAR, launch
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1", "--workers", "1",

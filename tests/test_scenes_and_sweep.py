@@ -13,7 +13,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from openclip_structure import scenes  # noqa: E402
+from openclip_structure.data import scenes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_every_named_attribute_is_in_the_image(samples):
 def test_labels_are_the_digits_and_named_in_the_caption(samples):
     from sklearn.datasets import load_digits
 
-    from openclip_structure.shards import DIGIT_WORDS
+    from openclip_structure.data.shards import DIGIT_WORDS
 
     assert [s.label for s in samples] == [int(y) for y in load_digits().target]
     for s in samples:

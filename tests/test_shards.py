@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openclip_structure.shards import (
+from openclip_structure.data.shards import (
     DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, csv_samples, digits_samples, folder_class_names,
     folder_samples, read_shards, split_train_val, write_dataset, write_shards,
 )
@@ -235,6 +235,6 @@ def test_cli_digits(tmp_path):
     assert (out / "zeroshot_classification_templates.txt").read_text().splitlines() == list(DIGIT_ZEROSHOT_TEMPLATES)
     assert info["prompts"]["classnames"] == str((out / "classnames.txt").resolve())
 
-    res = subprocess.run([sys.executable, "-m", "openclip_structure.shards", "--source", "folder", "--out",
+    res = subprocess.run([sys.executable, "-m", "openclip_structure.data.shards", "--source", "folder", "--out",
                           str(tmp_path / "f")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "needs --path" in res.stderr

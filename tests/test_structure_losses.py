@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from openclip_structure.distributed import FeatureBatch
+from openclip_structure.losses.runtime import FeatureBatch
 from openclip_structure.losses import (AugmentedGeometricConsistency, BrownianBridge, GeometricConsistency,
                                        IndependentHead, InModalContrastive, SeparationInModalContrast,
                                        SeparationOrthogonality, SeparationUniformity,

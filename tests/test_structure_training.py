@@ -22,10 +22,10 @@ from torch import nn
 from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.factory import MissingFeaturesError, build_terms, create_loss
-from openclip_structure.heads import (HEADS_KEY, CheckpointHooks, attach_heads,
+from openclip_structure.views.heads import (HEADS_KEY, CheckpointHooks, attach_heads,
                                       check_separation_support)
-from openclip_structure.shards import digits_samples, write_dataset
-from openclip_structure.views import (EDA, TwoCaptions, TwoViews, augmented_view_transform, install_forward,
+from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.views.image import (EDA, TwoCaptions, TwoViews, augmented_view_transform, install_forward,
                                       prepare_model)
 
 from helpers import VAL_TAR, X_TAR, logged, run  # noqa: E402
@@ -100,7 +100,7 @@ def test_eda_and_two_caption_tokenizer():
 
 
 def test_text_aug_tokenizer_only_for_the_train_dataset():
-    from openclip_structure.views import wrap_get_data
+    from openclip_structure.views.image import wrap_get_data
     args = plugin_args(["--bridge-weight", "1", "--text-aug", "eda", "--val-data", VAL_TAR])
     seen = []
 

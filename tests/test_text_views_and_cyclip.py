@@ -14,8 +14,8 @@ from open_clip.loss import ClipLoss
 from openclip_structure import flags
 from openclip_structure.factory import build_terms, create_loss, skipped_halves
 from openclip_structure.losses import InModalContrastive, SeparationInModalContrast
-from openclip_structure.shards import Sample, digits_samples, write_shards
-from openclip_structure.views import CaptionPair, EDAPair, TwoCaptions, split_captions
+from openclip_structure.data.shards import Sample, digits_samples, write_shards
+from openclip_structure.views.image import CaptionPair, EDAPair, TwoCaptions, split_captions
 
 import openclip_structure
 
@@ -161,7 +161,7 @@ def test_two_views_work_with_open_clips_synthetic_dataset():
     """--dataset-type synthetic with a view term: open_clip reads the image size from the train
     preprocess (it failed with AttributeError on the two-view wrapper)."""
     from open_clip_train.data import get_synthetic_dataset
-    from openclip_structure.views import TwoViews, augmented_view_transform
+    from openclip_structure.views.image import TwoViews, augmented_view_transform
     _, preprocess, _ = open_clip.create_model_and_transforms("structure-tiny")
     two = TwoViews(preprocess, augmented_view_transform(preprocess, "crop"))
     args = SimpleNamespace(train_num_samples=4, batch_size=2, workers=0, distributed=False)

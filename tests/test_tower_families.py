@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openclip_structure import registry, towers
-from openclip_structure.heads import HEADS_KEY, attach_heads
-from openclip_structure.shards import digits_samples, write_dataset
-from openclip_structure.views import encode_pooled, install_forward
+from openclip_structure import registry
+from openclip_structure.views import towers
+from openclip_structure.views.heads import HEADS_KEY, attach_heads
+from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.views.image import encode_pooled, install_forward
 
 from families import FAMILIES, write_family_configs
 from helpers import logged, run

@@ -85,8 +85,10 @@ def test_wheel_carries_the_patches_the_patch_module_and_a_wide_open_clip_require
         names = set(z.namelist())
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    for name in ("patch.py", "unified_diff.py", "data_check.py", "patches/open_clip_train-3.x-plugins.patch",
-                 "patches/training-2.x-plugins.patch", "patches/README.md", "model_configs/structure-tiny.json"):
+    for name in ("patch.py", "integration/hook_patch.py", "integration/unified_diff.py", "data/check.py",
+                 "evaluation/evaluator.py", "views/towers.py", "losses/runtime.py",
+                 "patches/open_clip_train-3.x-plugins.patch", "patches/training-2.x-plugins.patch", "patches/README.md",
+                 "model_configs/structure-tiny.json"):
         assert f"openclip_structure/{name}" in names, name
     assert "open_clip_train.plugins" in entry_points and "openclip_structure.plugin" in entry_points
     (line,) = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: open_clip_torch")]
@@ -101,7 +103,7 @@ def test_wheel_carries_the_patches_the_patch_module_and_a_wide_open_clip_require
 def test_installed_wheel_beside_open_clip(which, wheel_site, base_site, tmp_path):
     site = open_clip_site(which)
     path = (wheel_site, site, base_site)
-    where = outside(["-c", "import open_clip.version as v, openclip_structure, openclip_structure.patch as p; "
+    where = outside(["-c", "import open_clip.version as v, openclip_structure, openclip_structure.integration.hook_patch as p; "
                            "print(openclip_structure.__file__); print(v.__version__); print(p.PATCHES)"],
                     *path, cwd=tmp_path)
     assert where.returncode == 0, where.stderr[-3000:]
@@ -110,7 +112,7 @@ def test_installed_wheel_beside_open_clip(which, wheel_site, base_site, tmp_path
     assert not module.startswith(ROOT)
 
     help_ = outside(["-m", "openclip_structure.main", "--help"], *path, cwd=tmp_path)
-    check = outside(["-m", "openclip_structure.patch", "--check"], *path, cwd=tmp_path)
+    check = outside(["-m", "openclip_structure.integration.hook_patch", "--check"], *path, cwd=tmp_path)
     if which == "3.3.0":
         assert version == "3.3.0"
         assert help_.returncode == 0 and "--gap-atp-weight" in help_.stdout, help_.stderr[-3000:]
@@ -141,7 +143,7 @@ def test_wheel_patches_legacy_training_main(wheel_site, base_site, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     path = (wheel_site, site, base_site)
-    applied = outside(["-m", "openclip_structure.patch", "--target", str(site)], *path, cwd=run_dir)
+    applied = outside(["-m", "openclip_structure.integration.hook_patch", "--target", str(site)], *path, cwd=run_dir)
     assert applied.returncode == 0 and applied.stdout.startswith("applied"), applied.stdout + applied.stderr
     help_ = outside(["-m", "training.main", "--help"], *path, cwd=run_dir)
     assert help_.returncode == 0, help_.stderr[-3000:]

@@ -1,14 +1,14 @@
-"""Zero-shot classification and class-level retrieval (openclip_structure.zeroshot, metrics)."""
+"""Zero-shot classification and class-level retrieval (openclip_structure.evaluation.zeroshot, metrics)."""
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from openclip_structure import embedding_input as EI
-from openclip_structure import metrics as M
-from openclip_structure import zeroshot as Z
-from openclip_structure.shards import DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, write_prompt_files
+from openclip_structure.evaluation import inputs as EI
+from openclip_structure.evaluation import metrics as M
+from openclip_structure.evaluation import zeroshot as Z
+from openclip_structure.data.shards import DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, write_prompt_files
 
 
 # ----------------------------------------------------------------------------- accuracy from embeddings

@@ -67,7 +67,7 @@ parameters, and all state-dict gathers offload to CPU.
 """
 from __future__ import annotations
 
-from .base import DTYPES, PREFIX, StaleStateError, is_dtensor, load_full_params, local_tensor
+from .common import DTYPES, PREFIX, StaleStateError, is_dtensor, load_full_params, local_tensor
 from .container import FSDPModel, bind_submodule, eval_model, gather_full_state, has_full_state, is_wrapped
 from .optimizer import bind_optimizer, bound_optimizers, gather_optimizer_state, owner_of
 from .sharded import is_sharded_checkpoint, load_sharded, save_sharded, sharded_resume_checkpoint

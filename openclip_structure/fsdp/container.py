@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .base import (PREFIX, StaleStateError, _AlreadyLoaded, _checkpoint_shapes, is_dtensor, load_full_params,
+from .common import (PREFIX, StaleStateError, _AlreadyLoaded, _checkpoint_shapes, is_dtensor, load_full_params,
                    _model_shapes, _rank, _reshard, _scalars_out, _State, _state, _strip_prefix, _versions, _world)
 from .optimizer import gather_optimizer_state
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import _CONTAINERS, StaleStateError, _AlreadyLoaded, _rank, _state, _world
+from .common import _CONTAINERS, StaleStateError, _AlreadyLoaded, _rank, _state, _world
 
 def owner_of(optimizer: torch.optim.Optimizer) -> Optional[nn.Module]:
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}

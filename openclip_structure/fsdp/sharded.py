@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .base import _AlreadyLoaded, _reshard, _state
+from .common import _AlreadyLoaded, _reshard, _state
 from .optimizer import _raw, bind_optimizer
 
 def is_sharded_checkpoint(path) -> bool:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import _CONTAINERS, DTYPES, _rank, _State, _world
+from .common import _CONTAINERS, DTYPES, _rank, _State, _world
 from .container import FSDPModel, bind_submodule, is_wrapped
 
 def shard_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -134,7 +134,7 @@ def wrap(model: nn.Module, args=None, *, mesh=None, reshard_after_forward: bool 
     state.params = dict(model.named_parameters())
     state.param_ids = {id(p) for p in state.params.values()}
     _CONTAINERS.add(container)
-    from ..heads import HEADS_KEY  # the separation heads hide from state_dict(): bind them
+    from ..views.heads import HEADS_KEY  # the separation heads hide from state_dict(): bind them
     heads = getattr(model, HEADS_KEY, None)
     if isinstance(heads, nn.Module):
         bind_submodule(container, heads)

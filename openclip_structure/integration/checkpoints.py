@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 
 from .. import fsdp
-from ..heads import (HEADS_FILE, HEADS_KEY, CheckpointHooks, beside_label, heads_path, heads_state,  # noqa: F401
+from ..views.heads import (HEADS_FILE, HEADS_KEY, CheckpointHooks, beside_label, heads_path, heads_state,  # noqa: F401
                      read_heads_beside)
-from . import progress, state
+from . import progress
+from . import state
 from .parallel import bound_optimizer
 
 _HEADS_RE = re.compile(r"structure_heads_epoch_(\d+)\.pth$")

@@ -1,6 +1,6 @@
 """Model hook: what the plugin does to the freshly created training model and its transforms:
 ``--fixed-temperature``, the separation heads (restored from beside a ``--pretrained`` plugin
-checkpoint), the two-view forward and train preprocess (:func:`openclip_structure.views.prepare_model`);
+checkpoint), the two-view forward and train preprocess (:func:`openclip_structure.views.image.prepare_model`);
 a model that cannot carry the requested terms stops the run like a flag error (:func:`refuse`)."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from .. import views
-from ..heads import restore_pretrained
-from ..towers import UnsupportedModelError
+from ..views import image as views
+from ..views.heads import restore_pretrained
+from ..views.towers import UnsupportedModelError
 from . import state
 
 

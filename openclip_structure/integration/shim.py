@@ -16,8 +16,8 @@ import types
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
-from . import HOOKS
-from .flags import PluginArgumentParser
+from .hooks import HOOKS
+from .arguments import PluginArgumentParser
 from .state import open_clip_version
 
 #: open_clip_torch releases the table was checked against (tests/test_version_matrix.py trains on each)

@@ -12,7 +12,7 @@ class Run:
     its separation heads, the FSDP2 container, and the validation hook's data."""
 
     def __init__(self, args=None):
-        from ..validation import ValidationHook
+        from ..evaluation.in_training import ValidationHook
 
         self.args = args
         self.model = None       # the training model as open_clip created it (before DDP/FSDP)

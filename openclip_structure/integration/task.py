@@ -29,11 +29,16 @@ import contextlib
 import functools
 from typing import Iterator
 
-from .. import factory, flags, fsdp
-from ..audio import name_modalities
-from ..heads import restore_saved
+from .. import factory
+from .. import flags
+from .. import fsdp
+from ..views.audio import name_modalities
+from ..views.heads import restore_saved
 from ..schedule import PROGRESS
-from . import checkpoints, progress, shim, state
+from . import checkpoints
+from . import progress
+from . import shim
+from . import state
 from ..registry import view_flags
 from .model import refuse
 from .parallel import _cpu_only

@@ -1,5 +1,5 @@
 """Validation hook: gap (and group) metrics in open_clip's ``--val-data`` evaluation
-(:class:`openclip_structure.validation.ValidationHook`), and evaluation of an FSDP2-sharded model
+(:class:`openclip_structure.evaluation.in_training.ValidationHook`), and evaluation of an FSDP2-sharded model
 on an unsharded rank-0 replica."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The contract every regularizer term follows (no open_clip imports here).
 
 A term is split into two steps so that all terms of a step share one gather and one
-all-reduce (see :mod:`openclip_structure.distributed`):
+all-reduce (see :mod:`openclip_structure.losses.runtime`):
 
 * ``statistics(batch)``: a 1-D float32 tensor of sums over the LOCAL rows of ``batch``
   (each row compared with the gathered columns where the term needs pairs);
@@ -17,7 +17,7 @@ from typing import Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..distributed import FeatureBatch
+from .runtime import FeatureBatch
 from ._fused import exp_kernel_sum
 
 

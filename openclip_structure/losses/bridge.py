@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..distributed import FeatureBatch
+from .runtime import FeatureBatch
 from .base import RegularizerTerm, row_count
 from .geometric import _check_paired
 

@@ -18,7 +18,7 @@ Semantics", ICLR 2026, arXiv 2601.18525).
 
 All inputs are L2-normalised embeddings ``[N, D]`` of M >= 2 modalities (open_clip's model
 outputs are). The pure functions below take a list of M tensors; the ``nn.Module`` terms read
-named modalities from a :class:`~openclip_structure.distributed.FeatureBatch` and are exact under
+named modalities from a :class:`~openclip_structure.losses.runtime.FeatureBatch` and are exact under
 data parallelism.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..distributed import FeatureBatch
+from .runtime import FeatureBatch
 from .base import RegularizerTerm, pair_kernel_sums, row_count
 
 

@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from ..distributed import FeatureBatch
+from .runtime import FeatureBatch
 from ._fused import gram, squared_product_norm, use_gram_form
 from .base import RegularizerTerm, row_count
 

@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..distributed import FeatureBatch
+from .runtime import FeatureBatch
 from ._fused import info_nce_sum
 from .base import RegularizerTerm, row_count
 from .geometric import _check_paired

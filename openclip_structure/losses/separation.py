@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import FeatureBatch
+from .runtime import FeatureBatch
 from .base import RegularizerTerm, pair_kernel_sums, row_count
 from .geometric import _check_paired
 from .inmodal import _info_nce_sum

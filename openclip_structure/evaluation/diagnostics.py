@@ -16,7 +16,7 @@ L2-normalised here; ``v`` image, ``t`` text, ``N`` pairs, means over ``j != k``)
   every independent feature dimension over the samples, and, with labels,
   ``sep_{m}_ind_probe_accuracy`` (linear probe of the class from the independent features: the
   information the modality-specific head keeps) beside ``sep_{m}_shared_probe_accuracy``.
-- the gap loss: the gap measures of :mod:`openclip_structure.metrics` (already reported).
+- the gap loss: the gap measures of :mod:`openclip_structure.evaluation.metrics` (already reported).
 
 :func:`structure_diagnostics` takes embeddings; :func:`encode_structure_views` encodes webdataset
 shards with the augmented view and the separation heads of a checkpoint (:func:`load_heads`).
@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import embedding_input as EI
+from . import inputs as EI
 from . import metrics as M
 
 __all__ = ["gc_discrepancies", "bridge_distances", "separation_measures", "structure_diagnostics",
@@ -117,7 +117,7 @@ def load_heads(model, checkpoint) -> Optional[object]:
 
     import torch
 
-    from .heads import attach_heads, saved_heads
+    from ..views.heads import attach_heads, saved_heads
 
     if not checkpoint or not os.path.isfile(str(checkpoint)):
         return None
@@ -137,14 +137,14 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
     """Encode the shards' pairs for the diagnostics: ``{"img_aug"[, "img_ind", "txt_ind"]}`` as
     float32 arrays in shard order (a multi-caption sample's text: its first caption; with
     ``json_keys`` the captions are those ``.json`` fields). ``img_aug``: the augmented view of each
-    image (the training view transform of :func:`openclip_structure.views.augmented_view_transform`
+    image (the training view transform of :func:`openclip_structure.views.image.augmented_view_transform`
     on the model's validation preprocessing, seeded by ``seed``); ``*_ind``: the independent
     features of ``heads`` (from the same pooled outputs as the shared projection)."""
     import torch
 
-    from .shard_encoding import sample_captions
-    from .shard_reader import _decode_image, iter_shard_samples
-    from .views import augmented_view_transform, encode_pooled
+    from .encoding import sample_captions
+    from ..data.reader import _decode_image, iter_shard_samples
+    from ..views.image import augmented_view_transform, encode_pooled
 
     size = getattr(model.visual, "image_size", None)
     size = size[0] if isinstance(size, (tuple, list)) else size

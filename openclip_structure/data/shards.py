@@ -272,8 +272,8 @@ def split_train_val(samples: list[Sample], val_fraction: float = 0.25, seed: int
 
 def write_prompt_files(out_dir, classnames=None, templates=None) -> dict:
     """Write ``classnames.txt`` / ``zeroshot_classification_templates.txt`` (CLIP_benchmark's
-    names; see :mod:`openclip_structure.zeroshot`) into ``out_dir``; returns the written paths."""
-    from .zeroshot import CLASSNAMES_FILE, TEMPLATES_FILE
+    names; see :mod:`openclip_structure.evaluation.zeroshot`) into ``out_dir``; returns the written paths."""
+    from ..evaluation.zeroshot import CLASSNAMES_FILE, TEMPLATES_FILE
 
     written = {}
     for key, name, lines in (("classnames", CLASSNAMES_FILE, classnames), ("templates", TEMPLATES_FILE, templates)):
@@ -325,8 +325,8 @@ def write_digits_dataset(out_dir, image_size: int = 32, seed: int = 0, **kw) -> 
 def read_shards(pattern_or_paths) -> list[Sample]:
     """Read shards back (webdataset's tar reader) from a brace pattern or a list of tar paths, in
     order; a sample without an image gets ``image=None``, one without a caption ``caption=""``."""
-    from .data_check import expand_sources
-    from .shard_reader import tar_samples
+    from .check import expand_sources
+    from .reader import tar_samples
 
     samples = []
     for f in tar_samples(expand_sources(pattern_or_paths)):

@@ -18,7 +18,7 @@ class DataError(ValueError):
 
 def _expand(pattern) -> List[str]:
     """The shard paths of a brace pattern (``::`` separates several) or a list, as open_clip expands them."""
-    from .data_check import expand_sources
+    from .check import expand_sources
 
     return expand_sources(pattern)
 

@@ -4,7 +4,7 @@ A sample's ``<key>.txt`` may hold several captions, one per line (COCO-style and
 the layout CLIP_benchmark's retrieval shards use), or its ``<key>.json`` the fields named by
 ``json_keys`` (open_clip main's ``--json-text-key``): each non-empty line (field) is its own text
 and ``stats["text_image"]`` maps it to its image row (the COCO protocol of
-:mod:`openclip_structure.multicaption`). A single-line caption gives one text per image, in image
+:mod:`openclip_structure.evaluation.multicaption`). A single-line caption gives one text per image, in image
 order, exactly as before.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .captions import split_captions
-from .shard_reader import DataError, _decode_image, iter_shard_samples
+from ..data.captions import split_captions
+from ..data.reader import DataError, _decode_image, iter_shard_samples
 
 __all__ = ["encode_shards", "sample_captions"]
 
@@ -36,7 +36,7 @@ def encode_shards(model, preprocess, tokenizer, pattern, batch_size: int = 256, 
     samples when given), text ``j`` is caption ``j`` (every caption of every sample, in order),
     ``M == N`` with one caption per sample. With ``json_keys`` (``'a;b'``, open_clip main's
     ``--json-text-key`` syntax) a sample's captions are those ``.json`` fields, each its own text
-    (:func:`openclip_structure.shard_reader.iter_shard_samples`). ``labels`` is None unless every
+    (:func:`openclip_structure.data.reader.iter_shard_samples`). ``labels`` is None unless every
     sample has a ``.cls``.
     ``stats`` (a dict, optional) receives ``num_samples``, ``num_texts``, ``num_labelled``,
     ``skipped``, ``shards``, ``captions`` (the caption texts, in text order) and ``text_image``

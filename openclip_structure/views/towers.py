@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import FlagError
+from ..errors import FlagError
 
 MODALITIES = ("image", "text")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .. import flags
-from ..data_check import check_data_args
+from ..data.check import check_data_args
 from ..configs import register_model_configs, register_user_configs
 from . import state
 

@@ -1,10 +1,10 @@
-"""The measures of :mod:`openclip_structure.metrics` on data with several captions per image
+"""The measures of :mod:`openclip_structure.evaluation.metrics` on data with several captions per image
 (COCO, Flickr30k, recaptioned web data), the COCO protocol.
 
 ``img`` holds one row per image, ``txt`` one row per caption, and ``text_image[j]`` is the image
 row of caption ``j`` (every image has at least one caption). Every caption is its own text:
 
-* retrieval (:mod:`openclip_structure.retrieval`): i2t R@k counts a hit when ANY caption of the
+* retrieval (:mod:`openclip_structure.evaluation.retrieval`): i2t R@k counts a hit when ANY caption of the
   image is in its top k (averaged over images), t2i R@k is scored per caption (its own image,
   averaged over captions), as CLIP_benchmark's ``zeroshot_retrieval``;
 * pair measures run over the (image, caption) pairs, one per caption: ``cos_true_pairs``, the
@@ -17,7 +17,7 @@ row of caption ``j`` (every image has at least one caption). Every caption is it
   image+caption set and per modality), where each caption carries its image's label.
 
 With ``text_image`` None, or one caption per image in image order, every function returns exactly
-what its paired counterpart in :mod:`openclip_structure.metrics` returns.
+what its paired counterpart in :mod:`openclip_structure.evaluation.metrics` returns.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from . import metrics as M
-from .embedding_input import _labels, _mean
+from .inputs import _labels, _mean
 from .retrieval import _unpaired, caption_owners
 
 __all__ = ["caption_owners", "first_captions", "modality_gap", "cos_true_pairs", "gap_metrics", "group_metrics",

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 
-from .errors import FlagError
-from .registry import TERMS
+from ..errors import FlagError
+from ..registry import TERMS
 
 #: open_clip main's audio dataset types (``--dataset-type``)
 AUDIO_DATASET_TYPES = ("webdataset-audio", "synthetic-audio")

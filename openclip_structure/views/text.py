@@ -1,7 +1,7 @@
 """The text view of ``--text-aug``, carried through open_clip's own train data pipeline.
 
 * :class:`TwoCaptions` wraps the tokenizer of the TRAIN dataset only: each caption text becomes
-  ``[2, L]`` tokens, the caption and its text view (:mod:`openclip_structure.captions`: with
+  ``[2, L]`` tokens, the caption and its text view (:mod:`openclip_structure.data.captions`: with
   ``captions`` two captions of the sample with different texts, with ``eda`` an EDA copy).
 * On open_clip main with ``--json-text-key 'a;b'`` and ``--text-aug captions``, the train dataset
   is built with open_clip's own plain-text reader pointed at the ``json`` member (``--text-key
@@ -20,8 +20,8 @@ from typing import Callable, Tuple
 
 import torch
 
-from . import registry
-from .captions import CaptionPair, EDAPair
+from .. import registry
+from ..data.captions import CaptionPair, EDAPair
 
 __all__ = ["TEXT_VIEW_PAIRS", "TwoCaptions", "ViewCountingLoader", "text_pair", "wrap_get_data"]
 

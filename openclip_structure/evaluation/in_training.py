@@ -2,7 +2,7 @@
 
 open_clip's ``evaluate`` collects every validation image/text embedding on rank 0 and calls
 ``open_clip_train.train.get_clip_metrics`` (looked up at call time). The launcher wraps that
-function, so the measures of :mod:`openclip_structure.metrics` land in the same ``val/...``
+function, so the measures of :mod:`openclip_structure.evaluation.metrics` land in the same ``val/...``
 tensorboard/wandb keys and the same ``checkpoints/results.jsonl`` line as open_clip's retrieval
 metrics:
 
@@ -11,7 +11,7 @@ metrics:
   relative gap, linear separability of the modalities).
 * ``all``: also the group-level measures (k-means V-measure/NMI/ARI/homogeneity on the mixed
   image+text set and per modality, kNN and linear probe, class-level retrieval and zero-shot
-  classification, see :func:`openclip_structure.evaluate.labelled_metrics`), which need class labels: open_clip's
+  classification, see :func:`openclip_structure.evaluation.evaluator.labelled_metrics`), which need class labels: open_clip's
   validation loader drops every field but image and text, so rank 0 re-reads the webdataset
   validation shards with their ``<key>.cls`` label field (one extra pass over the validation
   set, reported in the log).
@@ -19,7 +19,7 @@ metrics:
 
 With several captions per image (one per ``.txt`` line; on open_clip main with ``--json-text-key``
 the named ``.json`` fields) and ``gap`` or ``all``, open_clip's retrieval keys and the gap measures
-are replaced by their COCO-protocol values (:mod:`openclip_structure.coco_validation`), and the
+are replaced by their COCO-protocol values (:mod:`openclip_structure.evaluation.coco`), and the
 group metrics use every caption. Both extra passes log their time or their error through
 :func:`extra_pass`.
 """
@@ -63,7 +63,7 @@ def gap_val_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 def first_sample_problem(pattern) -> str:
     """'' if the first validation sample of ``pattern`` has an image, a caption and a .cls
     label; else what is wrong (checked before training, so a run does not fail hours later)."""
-    from .shard_reader import iter_shard_samples
+    from ..data.reader import iter_shard_samples
 
     try:
         for _key, _image, _caption, label in iter_shard_samples(pattern):
@@ -105,7 +105,7 @@ class ValidationHook:
         self.args = None
         self.preprocess_val = None
         self.pending: Dict[str, float] = {}
-        from .coco_validation import CocoValidation
+        from .coco import CocoValidation
 
         self.coco = CocoValidation()  # several captions per image: the COCO protocol
 
@@ -148,7 +148,7 @@ class ValidationHook:
     def group_metrics(self, model, args, tokenizer) -> Dict[str, float]:
         """Group metrics from a labelled pass over the validation shards (:func:`extra_pass`: a
         problem with the data, missing labels or an unreadable shard, skips them for this evaluation)."""
-        from .evaluate import encode_shards, labelled_metrics
+        from .evaluator import encode_shards, labelled_metrics
 
         def compute():
             stats: dict = {}

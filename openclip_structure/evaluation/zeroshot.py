@@ -67,7 +67,7 @@ def read_templates(path) -> List[str]:
 
 
 def _first_shard_dir(pattern) -> Optional[Path]:
-    from .data_check import expand_sources
+    from ..data.check import expand_sources
 
     first = expand_sources(pattern)[:1]
     return Path(first[0]).parent if first else None

@@ -1,4 +1,4 @@
-"""A unified-diff applier without fuzz (for :mod:`openclip_structure.patch` where there is no
+"""A unified-diff applier without fuzz (for :mod:`openclip_structure.integration.hook_patch` where there is no
 ``patch`` program): parse a patch, apply or revert its hunks; every hunk must match exactly (its
 position may move, nearest match first)."""
 from __future__ import annotations

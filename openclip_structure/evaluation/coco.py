@@ -3,9 +3,9 @@
 open_clip reads a validation sample's ``.txt`` as ONE text, so with one caption per line its
 retrieval numbers (and the gap measures computed from its embeddings) are those of texts the model
 never trains on: the lines joined. When the validation shards hold several captions per image,
-rank 0 encodes them once more, every caption its own text (:mod:`openclip_structure.shard_encoding`),
+rank 0 encodes them once more, every caption its own text (:mod:`openclip_structure.evaluation.encoding`),
 and replaces open_clip's ``image_to_text_*``/``text_to_image_*`` keys and the gap measures by their
-COCO-protocol values (:mod:`openclip_structure.multicaption`): an image's rank is that of its
+COCO-protocol values (:mod:`openclip_structure.evaluation.multicaption`): an image's rank is that of its
 best-scoring caption, a caption's that of its image; ``num_texts`` is added. Single-caption
 validation data is left exactly as open_clip scores it (the shards are scanned once per run to tell).
 
@@ -23,8 +23,8 @@ import numpy as np
 
 from . import multicaption as MC
 from .retrieval import best_match_ranks
-from .shard_encoding import encode_shards, sample_captions
-from .shard_reader import iter_shard_samples
+from .encoding import encode_shards, sample_captions
+from ..data.reader import iter_shard_samples
 
 #: multicaption.gap_metrics key -> the validation key (validation.LABEL_FREE's names)
 VAL_NAMES = {"gap": "modality_gap", "cos_true_pairs": "cos_true_pairs", "intra_image_cos": "intra_image_cos",
@@ -63,7 +63,7 @@ class CocoValidation:
         """``(the COCO-protocol replacements for this evaluation, what was read)``, or None for
         single-caption data. The captions are the ``.txt`` lines, or on open_clip main with
         ``--json-text-key`` the named ``.json`` fields. The validation hook runs it as an extra pass
-        (:func:`openclip_structure.validation.extra_pass`: never raises, open_clip's numbers stay)."""
+        (:func:`openclip_structure.evaluation.in_training.extra_pass`: never raises, open_clip's numbers stay)."""
         pattern, keys = args.val_data, getattr(args, "json_text_key", None) or None
         if (pattern, keys) not in self.multi:
             self.multi[pattern, keys] = has_multi_captions(pattern, keys)

@@ -35,8 +35,8 @@ Group-level measures (class labels per sample), protocol of Grassucci et al. 202
 - ``linear_probe_accuracy``   logistic-regression probe accuracy.
 - ``group_metrics``           the above on the mixed image+text set and per modality.
 
-The retrieval measures live in :mod:`openclip_structure.retrieval` and the input validation in
-:mod:`openclip_structure.embedding_input`; both are re-exported here.
+The retrieval measures live in :mod:`openclip_structure.evaluation.retrieval` and the input validation in
+:mod:`openclip_structure.evaluation.inputs`; both are re-exported here.
 
 Aggregates: ``gap_metrics``, ``all_metrics``. Diagnostic: ``shift_towards``
 (Liang et al. 2022 embedding shift).
@@ -58,8 +58,8 @@ from sklearn.metrics import (
 from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 
-from . import embedding_input as EI
-from .embedding_input import _embeddings, _labels, _mean, _paired, _to_numpy  # noqa: F401 (shared helpers)
+from . import inputs as EI
+from .inputs import _embeddings, _labels, _mean, _paired, _to_numpy  # noqa: F401 (shared helpers)
 from .retrieval import caption_retrieval_recall, class_retrieval_recall, retrieval_recall
 
 __all__ = [
@@ -164,7 +164,7 @@ def fang_uniformity(img, txt) -> float:
 
 def fang_of_stack(a: np.ndarray, b: np.ndarray) -> float:
     """:func:`fang_uniformity` of the stack ``[a; b]`` of unit rows (any row counts: several
-    captions per image, :mod:`openclip_structure.multicaption`)."""
+    captions per image, :mod:`openclip_structure.evaluation.multicaption`)."""
     d = a.shape[1]
     n, m = a.shape[0], b.shape[0]
     mu = (_mean(a) + _mean(b)) / 2 if n == m else (n * _mean(a) + m * _mean(b)) / (n + m)

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .export import CheckpointError, format_key_mismatch, key_mismatch, quiet_open_clip_logging, \
+from .exporter import CheckpointError, format_key_mismatch, key_mismatch, quiet_open_clip_logging, \
     read_checkpoint_state_dict
 
 LOCAL_DIR = "local-dir:"
@@ -81,7 +81,7 @@ def load_model(model_name: Optional[str], pretrained: Optional[str], device=None
     """
     import open_clip
 
-    from .configs import register_model_configs
+    from ..configs import register_model_configs
 
     register_model_configs()
     dev = _device(device)

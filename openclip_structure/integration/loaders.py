@@ -1,9 +1,9 @@
 """Data hook: with ``--text-aug``, the TRAIN dataset tokenizes two captions per sample
-(:func:`openclip_structure.text_views.wrap_get_data`); the two image views come from the train
+(:func:`openclip_structure.views.text.wrap_get_data`); the two image views come from the train
 preprocess that the model hook returns."""
 from __future__ import annotations
 
-from .. import views
+from ..views import image as views
 from . import state
 
 

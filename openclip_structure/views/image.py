@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from . import registry, towers
+from .. import registry
+from . import towers
 from .heads import HEADS_KEY, UnsupportedModelError, attach_heads
 
 ORIG_FORWARD = "_structure_original_forward"
@@ -106,10 +107,10 @@ class TwoViews:
         return f"TwoViews(\n  base={self.base!r},\n  aug={self.aug!r})"
 
 
-# The text view (--text-aug): the caption pairs live in openclip_structure.captions, the tokenizer
-# wrapper and the train-data hook in openclip_structure.text_views; re-exported here.
-from .captions import EDA, CaptionPair, EDAPair, split_captions  # noqa: E402,F401
-from .text_views import TEXT_VIEW_PAIRS, TwoCaptions, wrap_get_data  # noqa: E402,F401
+# The text view (--text-aug): the caption pairs live in openclip_structure.data.captions, the tokenizer
+# wrapper and the train-data hook in openclip_structure.views.text; re-exported here.
+from ..data.captions import EDA, CaptionPair, EDAPair, split_captions  # noqa: E402,F401
+from .text import TEXT_VIEW_PAIRS, TwoCaptions, wrap_get_data  # noqa: E402,F401
 
 
 # ---- model side --------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def _class_method(model, name: str):
 
 def encode_pooled(model, x: torch.Tensor, modality: str):
     """(the tower's embedding, the pooled features its final projection reads) from ONE tower forward,
-    on every tower family (:mod:`openclip_structure.towers`)."""
+    on every tower family (:mod:`openclip_structure.views.towers`)."""
     fn = _class_method(model, "encode_image" if modality == "image" else "encode_text")
     return towers.projections(model)[modality].encode(fn, x)
 

@@ -16,7 +16,7 @@ layout alone separate a batch, or the digit moved too much to be learned in that
 ``DIGIT_SIZE`` and the place draws remain (a full-canvas digit leaves no margin, so the place is
 fixed) so that the seed gives the same data as the measured runs.
 
-``write_scenes_dataset`` writes it like :func:`openclip_structure.shards.write_digits_dataset`
+``write_scenes_dataset`` writes it like :func:`openclip_structure.data.shards.write_digits_dataset`
 (train/val shards with ``.cls`` digit labels, class names and held-out zero-shot templates).
 """
 from __future__ import annotations

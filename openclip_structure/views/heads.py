@@ -14,7 +14,7 @@ as extra trainable parameters of an open_clip model, and their checkpointing.
   are written (their own file beside each checkpoint) and read back is
   :mod:`openclip_structure.integration.checkpoints`.
 * :func:`check_separation_support` finds, on every open_clip tower family, the pooled features the
-  tower's final projection reads (:mod:`openclip_structure.towers`), or refuses the model naming why.
+  tower's final projection reads (:mod:`openclip_structure.views.towers`), or refuses the model naming why.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import towers
-from .losses import IndependentHead
+from ..losses import IndependentHead
 from .towers import UnsupportedModelError  # noqa: F401 (public name)
 
 #: attribute of the model and top-level key of the checkpoint that hold the heads
@@ -65,7 +65,7 @@ def saved_heads(checkpoint: dict, path) -> Optional[Dict[str, torch.Tensor]]:
 
 
 def check_separation_support(model: nn.Module, model_name: str = "?") -> Dict[str, "towers.Projection"]:
-    """The towers' projections the heads read beside (:func:`openclip_structure.towers.projections`);
+    """The towers' projections the heads read beside (:func:`openclip_structure.views.towers.projections`);
     raises :class:`UnsupportedModelError` naming the model and the reason where there is none."""
     return towers.projections(model, model_name)
 

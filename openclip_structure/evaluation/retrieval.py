@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import embedding_input as EI
-from .embedding_input import _embeddings, _labels, _paired
+from . import inputs as EI
+from .inputs import _embeddings, _labels, _paired
 
 __all__ = ["retrieval_recall", "class_retrieval_recall", "caption_retrieval_recall", "caption_owners"]
 

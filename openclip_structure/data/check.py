@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .errors import FlagError
+from ..errors import FlagError
 
 #: a URL scheme (``s3://``, ``http://``, ``pipe:``, ``gs://``...): two characters at least, so a
 #: Windows drive letter is not one
