@@ -107,7 +107,7 @@ def worker(mode: str, steps: int, batch: int, device_kind: str, config_dir: str,
     model = open_clip.create_model(model_name, output_dict=True, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     if mode == "ddp":
-        from openclip_structure.losses.runtime import CPUFriendlyDDP
+        from openclip_structure.integration.parallel import CPUFriendlyDDP
         model = CPUFriendlyDDP(model, device_ids=[device])
     else:
         from openclip_structure import fsdp

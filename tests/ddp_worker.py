@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openclip_structure import flags
-from openclip_structure.losses.runtime import CPUFriendlyDDP
+from openclip_structure.integration.parallel import CPUFriendlyDDP
 from openclip_structure.factory import create_loss
 from openclip_structure.losses import IndependentHead
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import open_clip
 from openclip_structure import flags, fsdp
-from openclip_structure.losses.runtime import CPUFriendlyDDP
+from openclip_structure.integration.parallel import CPUFriendlyDDP
 from openclip_structure.factory import create_loss
 from openclip_structure.main import register_model_configs
 

@@ -21,6 +21,14 @@ def _cpu_only(device_ids) -> bool:
     return device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids)
 
 
+class CPUFriendlyDDP(torch.nn.parallel.DistributedDataParallel):
+    """torch's DDP with ``device_ids=[cpu]`` dropped, as :func:`wrap_distributed_data_parallel` does
+    for open_clip (for code that builds DDP itself: the benchmarks and test workers)."""
+
+    def __init__(self, module, device_ids=None, *args, **kwargs):
+        super().__init__(module, None if _cpu_only(device_ids) else device_ids, *args, **kwargs)
+
+
 def wrap_distributed_data_parallel(ddp_cls):
     @functools.wraps(ddp_cls, updated=())
     def make(module, device_ids=None, *args, **kwargs):

@@ -24,15 +24,19 @@ from typing import Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-# torch >= 2.6 marks torch.distributed.nn's autograd-aware all_gather (also used by open_clip's
-# --gather-with-grad) as deprecated in favour of a private API; it still works and is what we need.
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
+#: torch >= 2.6 warns on every call of torch.distributed.nn's autograd-aware all_gather (the one
+#: open_clip's --gather-with-grad uses too) that it is deprecated in favour of a private API; it
+#: still works and is what the terms need. Silenced for our own call only (a scoped filter: the
+#: process's warning filters, and open_clip's own call, are left as they are).
+_GATHER_DEPRECATION = r"torch\.distributed\.nn\.functional\.all_gather is deprecated"
 
 
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_GATHER_DEPRECATION, category=FutureWarning)
+        return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 class FeatureBatch:
@@ -131,16 +135,3 @@ def distributed_context(args) -> tuple:
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("world_size > 1 but torch.distributed is not initialised")
     return rank, world_size
-
-
-class CPUFriendlyDDP(torch.nn.parallel.DistributedDataParallel):
-    """DistributedDataParallel that accepts ``device_ids=[cpu]``.
-
-    open_clip_train 3.x always passes ``device_ids=[device]``, which PyTorch rejects for CPU
-    modules; CPU clusters (and our gloo tests) need it dropped. GPU behaviour is unchanged.
-    """
-
-    def __init__(self, module, device_ids: Optional[list] = None, *args, **kwargs):
-        if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
-            device_ids = None
-        super().__init__(module, device_ids, *args, **kwargs)
