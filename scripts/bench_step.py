@@ -9,7 +9,7 @@ without, same model and data, in one process, configurations interleaved.
 Every configuration gets its own model built from the same seed, its own AdamW, and the loss from
 ``openclip_structure.factory.create_loss(args)`` with ``args`` parsed from the plugin's flags (plus
 open_clip's own fields); the two-view terms use the launcher's wiring
-(``openclip_structure.views.image.prepare_model``: one image-tower forward of 2B images, separation heads).
+(``openclip_structure.integration.model.prepare_model``: one image-tower forward of 2B images, separation heads).
 Data: fixed random images and captions (no data loading in the timing). fp32, CPU.
 
 Reported per configuration: samples/s (median over repetitions) and the throughput ratio to the
@@ -106,10 +106,10 @@ class ViewsReference(nn.Module):
 def views_available() -> Optional[str]:
     """None when the launcher's view/heads wiring can be used, else why not."""
     try:
-        from openclip_structure.views import image as views  # noqa: F401
+        from openclip_structure.integration import model as model_hook  # noqa: F401
         from openclip_structure.views import heads  # noqa: F401
-        if not hasattr(views, "prepare_model"):
-            return "openclip_structure.views.image has no prepare_model"
+        if not hasattr(model_hook, "prepare_model"):
+            return "openclip_structure.integration.model has no prepare_model"
     except Exception as e:  # pragma: no cover - depends on the other work in progress
         return f"{type(e).__name__}: {e}"
     return None
@@ -129,7 +129,8 @@ class Runner:
                  device: str = "cpu", precision: str = "fp32"):
         import open_clip
 
-        from openclip_structure.views import image as views
+        from openclip_structure.integration.forward import install_forward
+        from openclip_structure.integration.model import prepare_model
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -144,9 +145,9 @@ class Runner:
         self.two_views = name in VIEW_CONFIGS
         if self.two_views:
             if name == "views-ref":
-                views.install_forward(model)
+                install_forward(model)
             else:
-                views.prepare_model(args, model_name, model, preprocess_train)
+                prepare_model(args, model_name, model, preprocess_train)
         model.train()
         self.model = model.to(self.device)
         self.loss = create_loss(args)

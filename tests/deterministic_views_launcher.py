@@ -4,13 +4,16 @@ The plugin's second image view (random crop + flip) and EDA caption are drawn fr
 process's own random stream, so runs on different numbers of processes see different views. Here
 the second view is a fixed function of the sample (centre crop, resized back, mirrored) and the
 text view a fixed rewording, so the global batch, views included, is the same on any number of
-processes. Test-only: it replaces names in openclip_structure.views.image, never in a library.
+processes. Test-only: it replaces the name the model hook calls (openclip_structure.integration.model)
+and an entry of openclip_structure.views.text's table, never a name in a library.
 """
 import sys
 
 from torchvision import transforms as T
 
+from openclip_structure.integration import model as model_hook
 from openclip_structure.views import image as views
+from openclip_structure.views import text as text_views
 from openclip_structure.main import main
 
 
@@ -25,8 +28,8 @@ def fixed_text_pair():
     return lambda text, rng=None: (text, "a picture: " + text)
 
 
-views.augmented_view_transform = fixed_view_transform
-views.TEXT_VIEW_PAIRS["eda"] = fixed_text_pair
+model_hook.augmented_view_transform = fixed_view_transform
+text_views.TEXT_VIEW_PAIRS["eda"] = fixed_text_pair
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

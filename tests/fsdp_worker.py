@@ -65,13 +65,13 @@ def batches(n_steps, two_views=False, seed=1):
 
 def build(seed=0, heads=False, grad_checkpointing=False):
     from openclip_structure.views import heads as heads_mod
-    from openclip_structure.views import image as views
+    from openclip_structure.integration.forward import install_forward
 
     torch.manual_seed(seed)
     model = open_clip.create_model("structure-tiny", output_dict=True)
     if heads:
         heads_mod.attach_heads(model, "structure-tiny")
-        views.install_forward(model)
+        install_forward(model)
     if grad_checkpointing:
         model.set_grad_checkpointing()
     return model

@@ -17,7 +17,7 @@ def main():
     write, save = checkpoints.write_atomically, checkpoints.save_heads
 
     def write_half_then_die(obj, path):
-        if path.endswith(checkpoints.HEADS_FILE.format(epoch=epoch)):
+        if path.endswith(os.path.basename(checkpoints.heads_path('', epoch))):
             import io
 
             import torch

@@ -17,7 +17,8 @@ import torch
 
 from openclip_structure.data.captions import CaptionPair, json_captions, split_captions
 from openclip_structure.data.shards import Sample, digits_samples, write_shards
-from openclip_structure.views.text import TwoCaptions, ViewCountingLoader, wrap_get_data
+from openclip_structure.integration.loaders import ViewCountingLoader, wrap_get_data
+from openclip_structure.views.text import TwoCaptions
 
 import openclip_structure
 
@@ -129,7 +130,7 @@ MAIN_SCRIPT = r"""
 import json, sys, open_clip, torch
 from open_clip_train.data import get_data
 from open_clip_train.params import parse_args
-from openclip_structure.views.text import wrap_get_data
+from openclip_structure.integration.loaders import wrap_get_data
 shard, model_configs = sys.argv[1:3]
 open_clip.add_model_config(model_configs)
 args = parse_args(["--train-data", shard, "--dataset-type", "webdataset", "--train-num-samples", "12",

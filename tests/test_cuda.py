@@ -119,14 +119,14 @@ def tiny_two_view_model():
     import open_clip
 
     from openclip_structure.views import heads
-    from openclip_structure.views import image as views
+    from openclip_structure.integration.forward import install_forward
     from openclip_structure.main import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)
     model = open_clip.create_model("structure-tiny", output_dict=True)
     heads.attach_heads(model, "structure-tiny")
-    views.install_forward(model)
+    install_forward(model)
     return model
 
 

@@ -22,11 +22,13 @@ from torch import nn
 from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.factory import MissingFeaturesError, build_terms, create_loss
-from openclip_structure.views.heads import (HEADS_KEY, CheckpointHooks, attach_heads,
-                                      check_separation_support)
+from openclip_structure.views.heads import HEADS_KEY, attach_heads, check_separation_support
 from openclip_structure.data.shards import digits_samples, write_dataset
-from openclip_structure.views.image import (EDA, TwoCaptions, TwoViews, augmented_view_transform, install_forward,
-                                      prepare_model)
+from openclip_structure.data.captions import EDA
+from openclip_structure.integration.forward import install_forward
+from openclip_structure.integration.model import prepare_model
+from openclip_structure.views.image import TwoViews, augmented_view_transform
+from openclip_structure.views.text import TwoCaptions
 
 from helpers import VAL_TAR, X_TAR, logged, run  # noqa: E402
 CONFIG_DIR = launcher.MODEL_CONFIG_DIR
@@ -100,7 +102,7 @@ def test_eda_and_two_caption_tokenizer():
 
 
 def test_text_aug_tokenizer_only_for_the_train_dataset():
-    from openclip_structure.views.image import wrap_get_data
+    from openclip_structure.integration.loaders import wrap_get_data
     args = plugin_args(["--bridge-weight", "1", "--text-aug", "eda", "--val-data", VAL_TAR])
     seen = []
 
@@ -349,7 +351,7 @@ def test_heads_file_beside_checkpoint_restores_and_optimizer_alignment(tmp_path,
     run_dst = state.Run(types.SimpleNamespace(resume=str(tmp_path / "epoch_1.pt")))
     run_dst.heads, run_dst.model = getattr(dst, HEADS_KEY), dst
     ck = load(tmp_path / "epoch_1.pt")
-    checkpoints.restore_heads(run_dst, ck, str(tmp_path / "epoch_1.pt"))
+    assert checkpoints.restore_heads(run_dst, str(tmp_path / "epoch_1.pt"), ck)
     assert HEADS_KEY not in ck
     dst.load_state_dict(ck["state_dict"])
     _open_clip_adamw(dst).load_state_dict(ck["optimizer"])
@@ -364,10 +366,10 @@ def test_heads_file_beside_checkpoint_restores_and_optimizer_alignment(tmp_path,
     plain_ckpt = {"epoch": 1, "state_dict": plain.state_dict(), "optimizer": popt.state_dict()}
     fresh = _model_with_views(sep=True, seed=3)
     before = getattr(fresh, HEADS_KEY)["image"].proj.detach().clone()
-    h3 = CheckpointHooks()
-    h3.heads, h3.model = getattr(fresh, HEADS_KEY), fresh
+    run3 = state.Run(types.SimpleNamespace(resume="plain.pt"))
+    run3.heads, run3.model = getattr(fresh, HEADS_KEY), fresh
     with caplog.at_level(logging.WARNING):
-        h3.restore(plain_ckpt, "plain.pt")
+        assert not checkpoints.restore_heads(run3, "plain.pt", plain_ckpt)
     assert "no 'structure_heads' entry" in caplog.text
     fresh.load_state_dict(plain_ckpt["state_dict"])
     o = _open_clip_adamw(fresh)
@@ -377,12 +379,12 @@ def test_heads_file_beside_checkpoint_restores_and_optimizer_alignment(tmp_path,
 
     # a separation checkpoint resumed WITHOUT separation: heads dropped, optimizer still loads
     nosep = tiny()
-    h4 = CheckpointHooks()
-    h4.model = nosep
+    run4 = state.Run(types.SimpleNamespace(resume="c.pt"))
+    run4.model = nosep
     ck = load(tmp_path / "c.pt")
     assert HEADS_KEY in ck
     with caplog.at_level(logging.WARNING):
-        h4.restore(ck, "c.pt")
+        assert not checkpoints.restore_heads(run4, str(tmp_path / "c.pt"), ck)
     assert "--sep-weight is 0" in caplog.text
     nosep.load_state_dict(ck["state_dict"])
     _open_clip_adamw(nosep).load_state_dict(ck["optimizer"])

@@ -15,7 +15,8 @@ from openclip_structure import flags
 from openclip_structure.factory import build_terms, create_loss, skipped_halves
 from openclip_structure.losses import InModalContrastive, SeparationInModalContrast
 from openclip_structure.data.shards import Sample, digits_samples, write_shards
-from openclip_structure.views.image import CaptionPair, EDAPair, TwoCaptions, split_captions
+from openclip_structure.data.captions import CaptionPair, EDAPair, split_captions
+from openclip_structure.views.text import TwoCaptions
 
 import openclip_structure
 

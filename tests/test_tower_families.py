@@ -27,7 +27,8 @@ from openclip_structure import registry
 from openclip_structure.views import towers
 from openclip_structure.views.heads import HEADS_KEY, attach_heads
 from openclip_structure.data.shards import digits_samples, write_dataset
-from openclip_structure.views.image import encode_pooled, install_forward
+from openclip_structure.integration.forward import install_forward
+from openclip_structure.views.towers import encode_pooled
 
 from families import FAMILIES, write_family_configs
 from helpers import logged, run

@@ -9,7 +9,7 @@ COCO-protocol values (:mod:`openclip_structure.evaluation.multicaption`): an ima
 best-scoring caption, a caption's that of its image; ``num_texts`` is added. Single-caption
 validation data is left exactly as open_clip scores it (the shards are scanned once per run to tell).
 
-On open_clip 3.x the launcher's ``evaluate`` hook runs the pass (:class:`..validation.ValidationHook`);
+On open_clip 3.x the launcher's ``evaluate`` hook runs the pass (:class:`openclip_structure.integration.validation.ValidationHook`);
 on open_clip main the same hook wraps main's ``evaluate(task, ...)`` and encodes with the task's
 evaluation model (:func:`..integration.task.wrap_evaluate`). With main's ``--json-text-key 'a;b'``
 (open_clip then reads ONE field per sample) the captions are those ``.json`` fields, each its own text.

@@ -121,8 +121,7 @@ def load_heads(model, checkpoint) -> Optional[object]:
 
     if not checkpoint or not os.path.isfile(str(checkpoint)):
         return None
-    saved = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    saved = saved_heads(saved, str(checkpoint))
+    saved, _ = saved_heads(checkpoint, torch.load(str(checkpoint), map_location="cpu", weights_only=True, mmap=True))
     if not saved:
         return None
     heads = attach_heads(model)
@@ -144,7 +143,8 @@ def encode_structure_views(model, preprocess, tokenizer, pattern, heads=None, vi
 
     from .encoding import sample_captions
     from ..data.reader import _decode_image, iter_shard_samples
-    from ..views.image import augmented_view_transform, encode_pooled
+    from ..views.image import augmented_view_transform
+    from ..views.towers import encode_pooled
 
     size = getattr(model.visual, "image_size", None)
     size = size[0] if isinstance(size, (tuple, list)) else size

@@ -4,7 +4,7 @@ open_clip's ``evaluate`` collects every validation image/text embedding on rank 
 ``open_clip_train.train.get_clip_metrics`` (looked up at call time). The launcher wraps that
 function, so the measures of :mod:`openclip_structure.evaluation.metrics` land in the same ``val/...``
 tensorboard/wandb keys and the same ``checkpoints/results.jsonl`` line as open_clip's retrieval
-metrics:
+metrics (the hooks that call these measures: :mod:`openclip_structure.integration.validation`):
 
 * ``--val-structure-metrics gap`` (default): label-free measures computed from the embeddings
   open_clip already has (gap, cosine of true pairs, intra-modal cosines, Fang uniformity,
@@ -25,7 +25,6 @@ group metrics use every caption. Both extra passes log their time or their error
 """
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Callable, Dict, Optional, Tuple
@@ -88,78 +87,3 @@ def extra_pass(what: str, compute: Callable[[], Optional[Tuple[Dict[str, float],
     out, read = done
     logging.info(f"openclip-structure: {what} on {read} (extra pass) in {time.perf_counter() - start:.1f}s")
     return out
-
-
-def _unwrap(model):  # DDP's .module
-    return getattr(model, "module", model)
-
-
-def _val_runs_this_epoch(data, epoch, args) -> bool:  # the condition open_clip's evaluate uses
-    return "val" in data and bool(args.val_frequency) and (epoch % args.val_frequency == 0 or epoch == args.epochs)
-
-
-class ValidationHook:
-    """Holds what the two wrappers share for one training job."""
-
-    def __init__(self):
-        self.args = None
-        self.preprocess_val = None
-        self.pending: Dict[str, float] = {}
-        from .coco import CocoValidation
-
-        self.coco = CocoValidation()  # several captions per image: the COCO protocol
-
-    def wrap_get_clip_metrics(self, original):
-        @functools.wraps(original)
-        def get_clip_metrics(image_features, text_features, logit_scale, **kwargs):
-            out = original(image_features=image_features, text_features=text_features, logit_scale=logit_scale,
-                           **kwargs)
-            mode = getattr(self.args, "val_structure_metrics", "none")
-            if mode != "none":
-                start = time.perf_counter()
-                out.update(gap_val_metrics(image_features, text_features, kwargs.get("image_key") or "image"))
-                out.update(self.pending)
-                logging.info(f"openclip-structure: validation structure metrics in {time.perf_counter() - start:.2f}s")
-            self.pending = {}
-            return out
-
-        return get_clip_metrics
-
-    def wrap_evaluate(self, original, encoder: Callable = _unwrap, every_rank: bool = False):
-        """``original(model, data, epoch, args, ...)`` after rank 0's extra passes; ``encoder(model)``
-        is the module with ``encode_image``/``encode_text`` (open_clip main hands over its task).
-        ``every_rank`` (a model sharded by open_clip main's ``--fsdp``): every rank runs the COCO
-        pass in lockstep over the same data (the sharded model's collectives), rank 0 keeps it."""
-        @functools.wraps(original)
-        def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
-            self.pending = {}
-            mode = getattr(args, "val_structure_metrics", "none")
-            if mode != "none" and (args.rank == 0 or every_rank) and _val_runs_this_epoch(data, epoch, args):
-                if mode == "all" and not every_rank:  # main (every_rank) refuses 'all'
-                    self.pending = self.group_metrics(encoder(model), args, tokenizer)
-                coco = extra_pass("COCO-protocol validation", lambda: self.coco.compute(
-                    encoder(model), self.preprocess_val, tokenizer, args))
-                if args.rank == 0:
-                    self.pending.update(coco)
-            return original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
-
-        return evaluate
-
-    def group_metrics(self, model, args, tokenizer) -> Dict[str, float]:
-        """Group metrics from a labelled pass over the validation shards (:func:`extra_pass`: a
-        problem with the data, missing labels or an unreadable shard, skips them for this evaluation)."""
-        from .evaluator import encode_shards, labelled_metrics
-
-        def compute():
-            stats: dict = {}
-            with torch.inference_mode():
-                img, txt, labels = encode_shards(model, self.preprocess_val, tokenizer, args.val_data,
-                                                 batch_size=args.batch_size, device=args.device, stats=stats)
-            if labels is None:
-                raise ValueError(f"some validation samples of {args.val_data} have no .cls label")
-            return (labelled_metrics(model, tokenizer, img, txt, labels, args.val_data,
-                                     getattr(args, "val_zeroshot_classnames", None),
-                                     getattr(args, "val_zeroshot_templates", None), text_image=stats["text_image"]),
-                    f"{len(labels)} labelled validation pairs")
-
-        return extra_pass("group metrics", compute)

@@ -16,8 +16,10 @@ any moment leaves, for every checkpoint open_clip may resume from, the heads of 
   half-written ``epoch_N.pt`` (open_clip writes it in place) is unreadable, and ``--resume latest``
   then falls back to the newest readable checkpoint (logged).
 
-On resume the heads are read from ``checkpoint["structure_heads"]`` (checkpoints of earlier
-versions of the plugin) or from the file of the checkpoint's epoch beside it.
+Every route restores the heads through :func:`restore_heads` (``--resume`` on open_clip 3.x and on
+open_clip main, ``--pretrained`` fine-tuning): from ``checkpoint["structure_heads"]`` (checkpoints
+of earlier versions of the plugin) or from the file of the checkpoint's epoch beside it
+(:func:`openclip_structure.views.heads.saved_heads`).
 """
 from __future__ import annotations
 
@@ -26,13 +28,12 @@ import glob
 import logging
 import os
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import fsdp
-from ..views.heads import (HEADS_FILE, HEADS_KEY, CheckpointHooks, beside_label, heads_path, heads_state,  # noqa: F401
-                     read_heads_beside)
+from ..views.heads import HEADS_KEY, heads_path, heads_state, saved_heads
 from . import progress
 from . import state
 from .parallel import bound_optimizer
@@ -155,16 +156,82 @@ def load_resume_checkpoint(run: Optional[state.Run], pt_load, path, *args, **kwa
         raise
 
 
-def restore_heads(run: state.Run, checkpoint, path) -> None:
-    hooks = CheckpointHooks()
-    hooks.heads, hooks.model = run.heads, run.model
-    if isinstance(checkpoint, dict) and HEADS_KEY not in checkpoint and "epoch" in checkpoint \
-            and isinstance(path, (str, os.PathLike)):
-        saved = read_heads_beside(path, checkpoint["epoch"])
-        if saved is not None:
-            checkpoint[HEADS_KEY] = saved
-            path = beside_label(path, checkpoint["epoch"])
-    hooks.restore(checkpoint, path)
+def restore_heads(run: state.Run, path, checkpoint=None, epoch=None, *, load: Optional[Callable] = None,
+                  label: str = "", resume: bool = True) -> bool:
+    """The one restore of the separation heads, for every route: ``--resume`` on open_clip 3.x
+    (``checkpoint``: the dict open_clip loaded; its heads entry is removed before open_clip reads it),
+    on open_clip main (``epoch``: main's ``load_checkpoint`` loaded the state itself; ``load(saved)``
+    replaces the strict ``load_state_dict``, e.g. into sharded parameters) and ``--pretrained``
+    fine-tuning (``resume=False``). Logs where the heads came from, or warns that they start fresh
+    or are dropped; on resume, keeps the optimizer state loadable when the checkpoint and this run
+    disagree about the heads (:func:`align_optimizer`). True when heads were loaded."""
+    saved, where = saved_heads(path, checkpoint, epoch)
+    where = f"{label} {where}" if label else where
+    if isinstance(checkpoint, dict):
+        checkpoint.pop(HEADS_KEY, None)
+    training = resume and isinstance(checkpoint, dict) and "epoch" in checkpoint and "state_dict" in checkpoint
+    if run.heads is None:
+        if saved is not None and resume:
+            logging.warning(f"openclip-structure: {where} holds separation heads ({HEADS_KEY}) but "
+                            f"--sep-weight is 0 in this run: the heads are dropped")
+            if training:
+                align_optimizer(checkpoint, run.model, drop=len(saved))
+        return False
+    if saved is None:
+        logging.warning(f"openclip-structure: {where} has no '{HEADS_KEY}' entry: the deep-feature-"
+                        f"separation heads start from a fresh initialisation")
+        if training:
+            align_optimizer(checkpoint, run.model, add=sum(p.requires_grad for p in run.heads.parameters()))
+        return False
+    (load or (lambda sd: run.heads.load_state_dict(sd, strict=True)))(saved)
+    logging.info(f"openclip-structure: restored the separation heads ({HEADS_KEY}) from {where}")
+    return True
+
+
+def restore_pretrained(run: state.Run, path) -> bool:
+    """Fine-tuning (``--pretrained`` a plugin checkpoint): the heads saved beside (or inside) that
+    checkpoint. Paths that are not a local file (open_clip's named pretrained weights, hub ids) hold
+    no heads and are passed over silently."""
+    if run.heads is None or not path or not os.path.isfile(str(path)):
+        return False
+    try:  # mmap: only the small "epoch" entry is read from a large checkpoint
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - open_clip has loaded it already; report and go on
+        logging.warning(f"openclip-structure: --pretrained {path}: cannot read it for separation heads ({error}); "
+                        "the heads start from a fresh initialisation")
+        return False
+    return restore_heads(run, path, checkpoint, label="--pretrained", resume=False)
+
+
+def _last_group_ids(opt_sd) -> Optional[list]:
+    groups = opt_sd.get("param_groups") if isinstance(opt_sd, dict) else None
+    return groups[-1]["params"] if groups else None
+
+
+def align_optimizer(checkpoint: dict, model, add: int = 0, drop: int = 0) -> None:
+    """Make a saved optimizer state fit this run when exactly the heads' parameters differ.
+
+    open_clip's AdamW lists ``model.named_parameters()`` (trainable) in two groups; the heads
+    are registered last and are 2-D, so their parameters are the last entries of the last
+    (weight-decay) group. Only applied when the saved parameter count differs from this
+    model's by exactly the heads (e.g. a plain CLIP checkpoint resumed with --sep-weight):
+    added heads start with fresh optimizer state, dropped heads lose theirs.
+    """
+    opt = checkpoint.get("optimizer")
+    ids = _last_group_ids(opt)
+    if ids is None or model is None:
+        return
+    saved = sum(len(g["params"]) for g in opt["param_groups"])
+    live = sum(p.requires_grad for p in model.parameters())
+    if add and saved + add == live:
+        nxt = 1 + max((i for g in opt["param_groups"] for i in g["params"]), default=-1)
+        ids.extend(range(nxt, nxt + add))
+    elif drop and saved - drop == live and len(ids) >= drop:
+        dropped = ids[len(ids) - drop:]
+        del ids[len(ids) - drop:]
+        state_ = opt.get("state", {})
+        for i in dropped:
+            state_.pop(i, None)
 
 
 def wrap_pt_load(pt_load):
@@ -185,7 +252,7 @@ def wrap_pt_load(pt_load):
             raise RuntimeError("openclip-structure --fsdp: resuming needs the optimizer bound to the sharded model; "
                                "this optimizer was created where no hook sees it (use --opt adamw, or the hook patch)")
         path, checkpoint = load_resume_checkpoint(run, pt_load, path, *args, **kwargs)
-        restore_heads(run, checkpoint, path)
+        restore_heads(run, path, checkpoint)
         return checkpoint
 
     return pt_load_for_resume

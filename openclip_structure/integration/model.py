@@ -1,6 +1,6 @@
 """Model hook: what the plugin does to the freshly created training model and its transforms:
 ``--fixed-temperature``, the separation heads (restored from beside a ``--pretrained`` plugin
-checkpoint), the two-view forward and train preprocess (:func:`openclip_structure.views.image.prepare_model`);
+checkpoint), the two-view forward (:mod:`.forward`) and train preprocess (:func:`prepare_model`);
 a model that cannot carry the requested terms stops the run like a flag error (:func:`refuse`)."""
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import sys
 
 import torch
 
-from ..views import image as views
-from ..views.heads import restore_pretrained
+from .. import registry
+from ..views.heads import attach_heads
+from ..views.image import TwoViews, augmented_view_transform
 from ..views.towers import UnsupportedModelError
-from . import state
+from . import checkpoints, state
+from .forward import install_forward
 
 
 def fix_temperature(model, temperature: float) -> None:
@@ -26,21 +28,37 @@ def fix_temperature(model, temperature: float) -> None:
     model.logit_scale.requires_grad_(False)
 
 
+def prepare_model(args, model_name: str, model, preprocess_train):
+    """What the launcher does to the freshly created training model: attach separation heads,
+    install the two-view forward, wrap the train preprocess. Returns ``(preprocess_train, heads)``."""
+    heads = None
+    if registry.separation_enabled(args):
+        heads = attach_heads(model, model_name)
+    if registry.views_enabled(args):
+        install_forward(model)
+        image_size = getattr(getattr(model, "visual", None), "image_size", None)
+        aug = augmented_view_transform(preprocess_train, args.view_aug, image_size=image_size)
+        preprocess_train = TwoViews(preprocess_train, aug)
+        if getattr(args, "rank", 0) == 0:
+            logging.info(f"openclip-structure: two views per sample (--view-aug {args.view_aug}, "
+                         f"--text-aug {args.text_aug}); separation heads: {'on' if heads is not None else 'off'}")
+    return preprocess_train, heads
+
+
 def prepare(run: state.Run, model_name: str, model, preprocess_train, preprocess_val):
     """Prepare the training model (once per run); returns the train preprocess to use."""
     args = run.args
     run.model = model
     if getattr(args, "rank", 0) == 0:
         logging.info(f"openclip-structure: {state.route_description()}")
-    run.validation.preprocess_val = preprocess_val
+    run.preprocess_val = preprocess_val
     if args.fixed_temperature is not None:
         fix_temperature(model, args.fixed_temperature)
     try:  # two views + separation heads
-        preprocess_train, run.heads = views.prepare_model(args, model_name, model, preprocess_train)
+        preprocess_train, run.heads = prepare_model(args, model_name, model, preprocess_train)
     except UnsupportedModelError as e:
         refuse(args, e)
-    if run.heads is not None and getattr(args, "pretrained", None):
-        restore_pretrained(run.heads, args.pretrained)  # fine-tuning a separation run: its heads too
+    checkpoints.restore_pretrained(run, getattr(args, "pretrained", None))  # fine-tuning: the heads too
     return preprocess_train
 
 

@@ -80,34 +80,41 @@ class Replacement:
         return (self.hook if callable(self.hook) else HOOKS[self.hook])(original)
 
 
-_MAIN, _PARAMS, _TRAIN = "open_clip_train.main", "open_clip_train.params", "open_clip_train.train"
+MAIN, PARAMS, TRAIN = "open_clip_train.main", "open_clip_train.params", "open_clip_train.train"
 
 #: every name the shim replaces (versions checked: VERSIONS_CHECKED)
 TABLE: Tuple[Replacement, ...] = (
-    Replacement(_PARAMS, "argparse", "parse_args", "flags: the plugin's group on open_clip's own parser "
+    Replacement(PARAMS, "argparse", "parse_args", "flags: the plugin's group on open_clip's own parser "
                 "(--help, params.txt, wandb config), validated before anything is built",
                 view=_argparse_view, uses=("ArgumentParser",)),
-    Replacement(_MAIN, "create_loss", "main", "loss: open_clip's loss plus the enabled terms", hook="create_loss"),
-    Replacement(_MAIN, "create_model_and_transforms", "main", "model: --fixed-temperature, separation heads, "
+    Replacement(MAIN, "create_loss", "main", "loss: open_clip's loss plus the enabled terms", hook="create_loss"),
+    Replacement(MAIN, "create_model_and_transforms", "main", "model: --fixed-temperature, separation heads, "
                 "two-view forward and train preprocess", hook="create_model_and_transforms"),
-    Replacement(_MAIN, "get_data", "main", "data: two captions per train sample (--text-aug)", hook="get_data"),
-    Replacement(_MAIN, "torch", "main", "parallel: DDP on CPU (device_ids=[cpu]) or FSDP2 with --fsdp",
+    Replacement(MAIN, "get_data", "main", "data: two captions per train sample (--text-aug)", hook="get_data"),
+    Replacement(MAIN, "torch", "main", "parallel: DDP on CPU (device_ids=[cpu]) or FSDP2 with --fsdp",
                 view=_torch_view, uses=("nn", "parallel", "DistributedDataParallel")),
-    Replacement(_MAIN, "optim", "main", "parallel: --fsdp optimizers get full-state (de)serialisation",
+    Replacement(MAIN, "optim", "main", "parallel: --fsdp optimizers get full-state (de)serialisation",
                 view=_optim_view, uses=("AdamW",)),
-    Replacement(_MAIN, "cosine_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
-    Replacement(_MAIN, "const_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
-    Replacement(_MAIN, "const_lr_cooldown", "main", "progress: global step for --gap-schedule",
+    Replacement(MAIN, "cosine_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
+    Replacement(MAIN, "const_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
+    Replacement(MAIN, "const_lr_cooldown", "main", "progress: global step for --gap-schedule",
                 hook="lr_scheduler"),
-    Replacement(_MAIN, "train_one_epoch", "main", "checkpoints: separation heads beside each checkpoint, "
+    Replacement(MAIN, "train_one_epoch", "main", "checkpoints: separation heads beside each checkpoint, "
                 "FSDP2 full/sharded state after each epoch", hook="train_one_epoch"),
-    Replacement(_MAIN, "pt_load", "main", "checkpoints: heads and FSDP2 shards on --resume, skip a "
+    Replacement(MAIN, "pt_load", "main", "checkpoints: heads and FSDP2 shards on --resume, skip a "
                 "half-written latest checkpoint", hook="pt_load"),
-    Replacement(_MAIN, "evaluate", "main", "validation: group metrics pass; FSDP2 rank-0 replica",
+    Replacement(MAIN, "evaluate", "main", "validation: group metrics pass; FSDP2 rank-0 replica",
                 hook="evaluate"),
-    Replacement(_TRAIN, "get_clip_metrics", "evaluate", "validation: gap metrics from open_clip's "
+    Replacement(TRAIN, "get_clip_metrics", "evaluate", "validation: gap metrics from open_clip's "
                 "validation embeddings", hook="get_clip_metrics"),
 )
+
+
+def entries(*names: Tuple[str, str]) -> Tuple[Replacement, ...]:
+    """The entries of :data:`TABLE` for ``(module, name)`` pairs (open_clip main's task table reuses
+    the ones its open_clip_train shares with 3.x)."""
+    by_name = {(r.module, r.name): r for r in TABLE}
+    return tuple(by_name[n] for n in names)
 
 
 
@@ -160,7 +167,7 @@ def training_modules(ocm: Optional[types.ModuleType] = None,
     """The open_clip_train modules a table names (``ocm``: the ``open_clip_train.main`` to use)."""
     modules = {name: importlib.import_module(name) for name in {r.module for r in table}}
     if ocm is not None:
-        modules[_MAIN] = ocm
+        modules[MAIN] = ocm
     return modules
 
 
@@ -186,7 +193,7 @@ def installed(ocm: Optional[types.ModuleType] = None) -> Iterator[types.ModuleTy
     modules = training_modules(ocm)
     check(modules, check_version())
     with replaced(TABLE, modules):
-        yield modules[_MAIN]
+        yield modules[MAIN]
 
 
 def support_table(table: Tuple[Replacement, ...] = TABLE, checked: Tuple[str, ...] = VERSIONS_CHECKED) -> str:

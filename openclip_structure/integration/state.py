@@ -9,24 +9,23 @@ from ..schedule import PROGRESS
 
 class Run:
     """What the hooks of one training run share: the parsed args, the training model as created,
-    its separation heads, the FSDP2 container, and the validation hook's data."""
+    its separation heads, the FSDP2 container, the validation preprocess and the validation hook
+    (:func:`openclip_structure.integration.validation.of`)."""
 
     def __init__(self, args=None):
-        from ..evaluation.in_training import ValidationHook
-
         self.args = args
         self.model = None       # the training model as open_clip created it (before DDP/FSDP)
         self.heads = None       # separation heads (None: --sep-weight 0)
         self.container = None   # the fsdp.FSDPModel with --fsdp
         self.resume_latest = False
         self.upstream_fsdp = False  # open_clip main: its own --fsdp shards the model, not ours
-        self.validation = ValidationHook()
-        self.validation.args = args
+        self.preprocess_val = None
+        self.validation = None  # the run's integration.validation.ValidationHook, made on first use
         if args is not None:
             self.set_args(args)
 
     def set_args(self, args) -> None:
-        self.args = self.validation.args = args
+        self.args = args
         self.resume_latest = getattr(args, "resume", None) == "latest"
 
     def uses_fsdp(self) -> bool:

@@ -33,12 +33,12 @@ from .. import factory
 from .. import flags
 from .. import fsdp
 from ..views.audio import name_modalities
-from ..views.heads import restore_saved
 from ..schedule import PROGRESS
 from . import checkpoints
 from . import progress
 from . import shim
 from . import state
+from . import validation
 from ..registry import view_flags
 from .model import refuse
 from .parallel import _cpu_only
@@ -99,10 +99,8 @@ def wrap_load_checkpoint(load_checkpoint):
         if run is None:
             return load_checkpoint(task, path, *a, **kw)
         path, epoch = checkpoints.load_resume_checkpoint(run, lambda p: load_checkpoint(task, p, *a, **kw), path)
-        heads = run.heads
-        if heads is not None:
-            restore_saved(heads, checkpoints.read_heads_beside(path, epoch), checkpoints.beside_label(path, epoch),
-                          load=lambda saved: fsdp.load_full_params(dict(heads.named_parameters()), saved))
+        checkpoints.restore_heads(run, path, epoch=epoch,
+                                  load=lambda saved: fsdp.load_full_params(dict(run.heads.named_parameters()), saved))
         return epoch
 
     return load
@@ -119,7 +117,7 @@ def _eval_model(task):
 def wrap_evaluate(evaluate):
     """main's ``evaluate(task, data, epoch, args, ...)``: rank 0's COCO-protocol pass over multi-caption
     ``--val-data`` (the ``.txt`` lines, or the ``--json-text-key`` fields), the 3.x hook's own
-    (:meth:`..validation.ValidationHook.wrap_evaluate`) on the task's evaluation model. Under main's
+    (:meth:`.validation.ValidationHook.wrap_evaluate`) on the task's evaluation model. Under main's
     distributed ``--fsdp`` every rank encodes in lockstep (main's own zero-shot evaluation calls the
     sharded ``encode_*`` the same way) and rank 0 keeps the result. Not for a task whose first
     modality is not images (CLAP)."""
@@ -129,31 +127,25 @@ def wrap_evaluate(evaluate):
         if run is None or getattr(task, "primary_key", "image") != "image":
             return evaluate(task, data, epoch, args, *a, **kw)
         sharded = bool(getattr(args, "fsdp", False) and getattr(args, "distributed", False))
-        return run.validation.wrap_evaluate(evaluate, encoder=_eval_model, every_rank=sharded)(task, data, epoch,
+        return validation.of(run).wrap_evaluate(evaluate, encoder=_eval_model, every_rank=sharded)(task, data, epoch,
                                                                                                args, *a, **kw)
 
     return evaluate_with_coco
 
 
-_MAIN, _PARAMS, _TRAIN = "open_clip_train.main", "open_clip_train.params", "open_clip_train.train"
-R = shim.Replacement
+_MAIN, R = shim.MAIN, shim.Replacement
 
-TABLE = (
-    shim.TABLE[0],  # open_clip_train.params.argparse: the flags
+#: the names replaced in open_clip main's open_clip_train: those it shares with 3.x (the shim's own
+#: entries), then the task API's
+TABLE = shim.entries((shim.PARAMS, "argparse"), (_MAIN, "create_model_and_transforms"), (_MAIN, "get_data"),
+                     (_MAIN, "cosine_lr"), (_MAIN, "const_lr"), (_MAIN, "const_lr_cooldown"),
+                     (shim.TRAIN, "get_clip_metrics")) + (
     R(_MAIN, "create_task", "main", "loss: the task's loss plus the enabled terms; CPU DDP", hook=wrap_create_task),
-    R(_MAIN, "create_model_and_transforms", "main", "model: --fixed-temperature, separation heads, two-view "
-      "forward and train preprocess", hook="create_model_and_transforms"),
-    R(_MAIN, "get_data", "main", "data: two captions per train sample (--text-aug)", hook="get_data"),
-    R(_MAIN, "cosine_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
-    R(_MAIN, "const_lr", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
-    R(_MAIN, "const_lr_cooldown", "main", "progress: global step for --gap-schedule", hook="lr_scheduler"),
     R(_MAIN, "train_one_epoch", "main", "checkpoints: separation heads beside each checkpoint",
       hook=wrap_train_one_epoch),
     R(_MAIN, "load_checkpoint", "main", "checkpoints: heads on --resume, skip a half-written latest checkpoint",
       hook=wrap_load_checkpoint),
     R(_MAIN, "evaluate", "main", "validation: COCO-protocol pass over multi-caption --val-data", hook=wrap_evaluate),
-    R(_TRAIN, "get_clip_metrics", "evaluate", "validation: gap metrics from open_clip's validation embeddings",
-      hook="get_clip_metrics"),
 )
 
 

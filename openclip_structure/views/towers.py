@@ -337,3 +337,17 @@ def describe(found: Dict[str, Projection]) -> str:
                 f"projection: {p.path} is an identity)") if p.identity else f"the input of {p.path}"
         parts.append(f"{m} head reads {what}")
     return "; ".join(parts)
+
+
+def class_method(model, name: str):
+    """``model.<name>`` as the class defines it: an FSDP2 forward method registered on the instance
+    (open_clip main's ``--fsdp`` registers ``encode_image``/``encode_text``) would reshard the root's
+    parameters in the middle of the model's forward."""
+    return getattr(type(model), name).__get__(model)
+
+
+def encode_pooled(model, x: torch.Tensor, modality: str):
+    """(the tower's embedding, the pooled features its final projection reads) from ONE tower forward,
+    on every tower family."""
+    fn = class_method(model, "encode_image" if modality == "image" else "encode_text")
+    return projections(model)[modality].encode(fn, x)
