@@ -44,7 +44,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bench_losses import describe, machine_info, median, write_json  # noqa: E402
-from openclip_structure import flags  # noqa: E402
 from openclip_structure.factory import create_loss  # noqa: E402
 
 #: configuration -> plugin flags ("views-ref": two views, ClipLoss only, see the module docstring)
@@ -74,17 +73,15 @@ SMALL_CONFIG = {
 }
 
 
-def make_args(extra: List[str]) -> argparse.Namespace:
-    args = flags.add_arguments(argparse.ArgumentParser()).parse_args(extra)
-    base = dict(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1,
-                horovod=False, distill=False, siglip=False, model="?", seed=0,
-                coca_caption_loss_weight=2.0, coca_contrastive_loss_weight=1.0, loss_dist_impl=None,
-                distill_model=None, distill_pretrained=None, val_data=None, dataset_type="auto",
-                skip_scheduler=False)
-    for k, v in base.items():
-        if not hasattr(args, k):
-            setattr(args, k, v)
-    flags.validate(args)
+def make_args(extra: List[str], model: str = "structure-tiny") -> argparse.Namespace:
+    """The args open_clip_train trains with: its own parser with the plugin's group
+    (``openclip_structure.main.parse_args``, which validates the flags) on ``--model model`` +
+    ``extra``, then what its main sets after parsing for one process."""
+    from openclip_structure.main import parse_args
+
+    args = parse_args(["--model", model] + list(extra))
+    args.rank, args.local_rank, args.world_size, args.distributed = 0, 0, 1, False
+    args.distill = args.distill_model is not None and args.distill_pretrained is not None
     return args
 
 
@@ -138,8 +135,7 @@ class Runner:
         self.autocast_dtype = PRECISIONS[precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "amp" else None
         self.name = name
-        self.args = args = make_args(CONFIGS[name])
-        args.model = model_name
+        self.args = args = make_args(CONFIGS[name], model=model_name)
         torch.manual_seed(seed)
         model, preprocess_train, _ = open_clip.create_model_and_transforms(model_name, output_dict=True)
         self.two_views = name in VIEW_CONFIGS

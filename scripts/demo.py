@@ -87,7 +87,7 @@ def available_methods():
 
 # the bundled tasks: name -> (writer module, function); "scenes" is the group task with nuisance
 # variation (openclip_structure/data/scenes.py)
-TASKS = {"digits": ("openclip_structure.data.shards", "write_digits_dataset"),
+TASKS = {"digits": ("openclip_structure.data.writer", "write_digits_dataset"),
          "scenes": ("openclip_structure.data.scenes", "write_scenes_dataset"),
          # the same training shards as "scenes", 40x the validation pairs (the gap's noise floor / 6.3)
          "scenes-bigval": ("openclip_structure.data.scenes", "write_scenes_bigval_dataset")}

@@ -1,4 +1,4 @@
-"""Build webdataset shards for open_clip training; see ``openclip_structure.data.shards``.
+"""Build webdataset shards for open_clip training; see ``openclip_structure.data.cli``.
 
     python scripts/make_shards.py --source digits --out data/digits
 """
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from openclip_structure.data.shards import main  # noqa: E402
+from openclip_structure.data.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,6 @@ it trains a few AdamW steps (eps 1e-12: invariant to a common gradient scale) th
 CPU-capable DDP and records the loss trajectory and final parameters. With world size 1 the same
 code gives the single-process reference on the global batch.
 """
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,8 @@ from openclip_structure import flags
 from openclip_structure.integration.parallel import CPUFriendlyDDP
 from openclip_structure.factory import create_loss
 from openclip_structure.losses import IndependentHead
+
+import helpers  # tests/ (this script's folder) is on sys.path
 
 GLOBAL_BATCH, IN_DIM, EMBED_DIM, CAPTION_LEN, VOCAB = 16, 6, 8, 3, 5
 BASE_KEYS = ("contrastive_loss", "caption_loss", "distill_loss")
@@ -90,18 +91,20 @@ def global_inputs():
     return x_img, x_txt, x_img_aug, x_txt_aug, labels
 
 
+#: open_clip flags of each base loss (the worker's fixed teacher stands in for the distill model)
+BASE_FLAGS = {"clip": [], "coca": ["--model", "coca-tiny"],
+              "distill": ["--distill-model", "ViT-B-32", "--distill-pretrained", "openai"]}
+
+
 def make_args(plugin_flags, rank, world_size, local_loss, gather_with_grad, base="clip"):
-    parser = flags.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(plugin_flags)
-    siglip = base.startswith("siglip")
-    for k, v in dict(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=False,
-                     rank=rank, world_size=world_size, horovod=False, distill=base == "distill",
-                     siglip=siglip, model="coca-tiny" if base == "coca" else "structure-tiny",
-                     loss_dist_impl=base.split(":")[1] if siglip else None,
-                     coca_caption_loss_weight=2.0, coca_contrastive_loss_weight=1.0).items():
-        setattr(args, k, v)
-    flags.validate(args)
-    return args
+    """open_clip_train's parsed args (tests/helpers.py) for this base loss and process."""
+    if base.startswith("siglip"):
+        base_flags = ["--siglip", "--loss-dist-impl", base.split(":")[1]]
+    else:
+        base_flags = BASE_FLAGS[base]
+    argv = (base_flags + (["--local-loss"] if local_loss else []) + (["--gather-with-grad"] if gather_with_grad else [])
+            + list(plugin_flags))
+    return helpers.make_args(argv, rank=rank, world_size=world_size)
 
 
 def averaged(grads, world_size):

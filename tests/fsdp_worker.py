@@ -14,7 +14,6 @@ phase "resume" (writes <dir>/resume.json): fresh models (another seed) resumed f
   (FSDP through container/optimizer load_state_dict, DDP through open_clip's plain calls) and
   from the sharded directory, 2 steps each.
 """
-import argparse
 import json
 import math
 import os
@@ -24,25 +23,21 @@ import torch
 import torch.distributed as dist
 
 import open_clip
-from openclip_structure import flags, fsdp
+from openclip_structure import fsdp
 from openclip_structure.integration.parallel import CPUFriendlyDDP
 from openclip_structure.factory import create_loss
 from openclip_structure.main import register_model_configs
+
+import helpers  # tests/ (this script's folder) is on sys.path
 
 GLOBAL_BATCH, STEPS, EXTRA = 8, 3, 2
 CLIP_NORM = 0.5
 
 
 def make_args(plugin_flags, rank, world_size):
-    parser = flags.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(plugin_flags)
-    for k, v in dict(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size,
-                     horovod=False, distill=False, siglip=False, model="structure-tiny",
-                     coca_caption_loss_weight=2.0, coca_contrastive_loss_weight=1.0, loss_dist_impl=None,
-                     fsdp_param_dtype="fp32", fsdp_reduce_dtype="fp32").items():
-        setattr(args, k, v)
-    flags.validate(args)
-    return args
+    """open_clip_train's parsed args (tests/helpers.py): --local-loss --gather-with-grad + ``plugin_flags``."""
+    return helpers.make_args(["--local-loss", "--gather-with-grad"] + list(plugin_flags), rank=rank,
+                             world_size=world_size)
 
 
 GAP = ["--gap-atp-weight", "1", "--gap-cu-weight", "1"]

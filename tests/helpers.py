@@ -59,5 +59,41 @@ def placeholder_file(name: str) -> str:
     return path
 
 
-X_TAR = placeholder_file("x.tar")
-VAL_TAR = placeholder_file("val.tar")
+def __getattr__(name):
+    """``X_TAR`` / ``VAL_TAR``: placeholder shards, made on first use (not by the torchrun workers
+    that import this module only for :func:`make_args`)."""
+    files = {"X_TAR": "x.tar", "VAL_TAR": "val.tar"}
+    if name in files:
+        return placeholder_file(files[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: what open_clip_train's main sets on the parsed args before it builds anything (its
+#: init_distributed_device), here for one CPU process; overridable through make_args
+AFTER_PARSING = dict(rank=0, local_rank=0, world_size=1, distributed=False, device="cpu")
+
+
+def make_args(argv=(), validate=True, **overrides):
+    """The args open_clip_train's main trains with: its OWN parser with the plugin's group
+    (:func:`openclip_structure.main.parse_args`, which also validates the flags), on ``argv`` after
+    ``--model structure-tiny`` (a later ``--model`` wins); then what open_clip_train's main sets
+    after parsing (:data:`AFTER_PARSING`, ``distill`` from the two distill flags), then ``overrides``
+    (``distributed`` follows an overridden ``world_size`` unless given). An override must name an
+    attribute the parser or open_clip's main sets (a typo fails). With ``validate`` the plugin's
+    cross-flag checks run again on the result."""
+    from openclip_structure import flags
+    from openclip_structure.main import parse_args
+
+    args = parse_args(["--model", "structure-tiny", *argv])
+    args.distill = args.distill_model is not None and args.distill_pretrained is not None
+    after = dict(AFTER_PARSING, **overrides)
+    if "world_size" in overrides and "distributed" not in overrides:
+        after["distributed"] = overrides["world_size"] > 1
+    unknown = sorted(k for k in overrides if not hasattr(args, k) and k not in AFTER_PARSING)
+    if unknown:
+        raise TypeError(f"make_args: {unknown} is not an argument of open_clip_train's parser")
+    for k, v in after.items():
+        setattr(args, k, v)
+    if validate:
+        flags.validate(args)
+    return args

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from openclip_structure.data.captions import CaptionPair, json_captions, split_captions
-from openclip_structure.data.shards import Sample, digits_samples, write_shards
+from openclip_structure.data.reader import Sample
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_shards
 from openclip_structure.integration.loaders import ViewCountingLoader, wrap_get_data
 from openclip_structure.views.text import TwoCaptions
 

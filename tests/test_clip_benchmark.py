@@ -16,8 +16,9 @@ from openclip_structure.evaluation import exporter as export
 from openclip_structure.evaluation import zeroshot
 from openclip_structure.evaluation.benchmark_data import main as export_main
 from openclip_structure.evaluation.benchmark_data import write_benchmark_shards
-from openclip_structure.data.shards import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples, \
-    read_shards, write_digits_dataset, write_shards
+from openclip_structure.data.reader import Sample, read_shards
+from openclip_structure.data.sources import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, digits_samples
+from openclip_structure.data.writer import write_digits_dataset, write_shards
 
 MODEL = "structure-tiny"
 CB_VERSION = "1.6.2"

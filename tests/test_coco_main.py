@@ -2,7 +2,9 @@
 (test_multicaption.py::test_val_data_uses_the_coco_protocol): multi-caption validation shards (the
 ``.txt`` lines, or with ``--json-text-key`` the named ``.json`` fields) give validation results equal
 to the evaluator's on the saved checkpoint, every caption its own text."""
-from openclip_structure.data.shards import Sample, digits_samples, write_shards
+from openclip_structure.data.reader import Sample
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_shards
 
 from test_json_captions import KEYS, as_meta, digit_captions, write_json_shard
 from test_multicaption import coco_val_results

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from openclip_structure.configs import MODEL_CONFIG_DIR
-from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_dataset
 
 from helpers import run
 

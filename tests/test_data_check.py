@@ -2,6 +2,7 @@
 refused at flag validation (argparse error, exit status 2) with the path named; a shell glob gets
 the brace pattern that matches its files; remote sources are left to open_clip."""
 import argparse
+import re
 import subprocess
 import time
 
@@ -123,14 +124,25 @@ def test_expansion_is_open_clips(shards):
     assert expand_sources([shards / "00000.tar"]) == [f"{shards}/00000.tar"]  # a list is taken as it is
 
 
-def test_one_expansion_helper_shared():
-    from openclip_structure.data import reader as shard_reader
-    from openclip_structure.data import shards
-    from openclip_structure.evaluation import zeroshot
+def test_one_expansion_helper_and_one_image_extension_list():
+    """Shard patterns are expanded in one place (data/check.py: open_clip's own expansion) and the
+    image extensions are listed once (data/reader.py): no other module of the package expands a
+    pattern itself or lists extensions again."""
+    from pathlib import Path
 
-    assert not hasattr(shards, "_expand")
-    for module in (shard_reader, shards, zeroshot):
-        assert "braceexpand" not in open(module.__file__).read(), module.__name__
+    import openclip_structure
+
+    package = Path(openclip_structure.__file__).parent
+    expanders, ext_lists = [], []
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text()
+        if path.relative_to(package).as_posix() != "data/check.py" and re.search(
+                r"braceexpand|expand_urls|def _?expand", text):
+            expanders.append(path.name)
+        if re.search(r"^IMAGE_EXTS\s*=|\(\s*\"\.?png\",\s*\"\.?jpe?g\"", text, re.M):
+            ext_lists.append(path.relative_to(package).as_posix())
+    assert expanders == []
+    assert ext_lists == ["data/reader.py"]
 
 
 @pytest.mark.parametrize("names, pattern", [

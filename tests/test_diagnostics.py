@@ -11,7 +11,8 @@ from openclip_structure.evaluation import evaluator as evaluate
 from openclip_structure.evaluation import inputs as EI
 from openclip_structure.evaluation import metrics as M
 from openclip_structure.views.heads import heads_path
-from openclip_structure.data.shards import digits_samples, write_shards
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_shards
 
 MODEL = "structure-tiny"
 

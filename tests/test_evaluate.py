@@ -18,8 +18,9 @@ from openclip_structure.evaluation import evaluator as evaluate
 from openclip_structure.evaluation import exporter as export
 from openclip_structure.evaluation import plots
 from openclip_structure.evaluation.metrics import gap_metrics
-from openclip_structure.data.shards import (DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, digits_samples,
-                                       write_digits_dataset, write_prompt_files, write_shards)
+from openclip_structure.data.reader import Sample
+from openclip_structure.data.sources import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, digits_samples
+from openclip_structure.data.writer import write_digits_dataset, write_prompt_files, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "structure-tiny"

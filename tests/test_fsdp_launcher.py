@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from openclip_structure import main as launcher
-from openclip_structure.data.shards import digits_samples
+from openclip_structure.data.sources import digits_samples
 
 from helpers import logged, run
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "2", "--wd", "0.1", "--workers", "1",

@@ -69,7 +69,8 @@ def test_evaluate_checkpoint_reports_floor_and_logit_scale(tmp_path):
 
     from openclip_structure.evaluation import evaluator as evaluate
     from openclip_structure.main import register_model_configs
-    from openclip_structure.data.shards import digits_samples, write_shards
+    from openclip_structure.data.sources import digits_samples
+    from openclip_structure.data.writer import write_shards
 
     register_model_configs()
     torch.manual_seed(0)

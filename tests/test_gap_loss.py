@@ -1,6 +1,5 @@
 """Gap loss (Grassucci et al. 2026) against explicit double loops, gradcheck, and the composite
 loss's contract with open_clip (keys, no-op, schedules, accum-freq, bad input)."""
-import argparse
 import math
 
 import pytest
@@ -8,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, CoCaLoss, SigLipLoss
 
-from openclip_structure import flags
 from openclip_structure.factory import NonFiniteLossError, StructureLoss, create_loss
 from openclip_structure.losses import (AlignTruePairs, CentroidUniformity, align_true_pairs,
                                        centroid_uniformity, modality_uniformity)
 from openclip_structure.schedule import TrainingProgress
+
+from helpers import make_args
 
 
 def unit(n, d, seed, dtype=torch.float64):
@@ -118,18 +118,6 @@ def test_bad_input_messages():
 
 # ---- the composite loss built from flags --------------------------------------------------
 
-def make_args(**kw):
-    parser = flags.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([])
-    base = dict(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1,
-                horovod=False, distill=False, siglip=False, model="structure-tiny",
-                coca_caption_loss_weight=2.0, coca_contrastive_loss_weight=1.0, loss_dist_impl=None)
-    for k, v in {**base, **kw}.items():
-        setattr(args, k, v)
-    flags.validate(args)
-    return args
-
-
 def clip_inputs(n=12, d=8, seed=0):
     return dict(image_features=unit(n, d, seed, torch.float32), text_features=unit(n, d, seed + 1, torch.float32),
                 logit_scale=torch.tensor(10.0))
@@ -138,12 +126,12 @@ def clip_inputs(n=12, d=8, seed=0):
 def test_plugin_off_is_open_clips_own_loss():
     loss = create_loss(make_args())
     assert type(loss) is ClipLoss  # exactly the object open_clip would have built
-    assert type(create_loss(make_args(siglip=True))) is SigLipLoss
+    assert type(create_loss(make_args(["--siglip"]))) is SigLipLoss
 
 
 def test_composite_keys_values_and_weights():
     inputs = clip_inputs()
-    loss = create_loss(make_args(gap_atp_weight=0.5, gap_cu_weight=2.0))
+    loss = create_loss(make_args(["--gap-atp-weight", "0.5", "--gap-cu-weight", "2"]))
     assert isinstance(loss, StructureLoss)
     out = loss(**inputs, output_dict=True)
     assert set(out) == {"contrastive_loss", "gap_atp_loss", "gap_cu_loss"}
@@ -155,20 +143,21 @@ def test_composite_keys_values_and_weights():
     total = loss(**inputs, output_dict=False)
     assert total.item() == pytest.approx(sum(v.item() for v in out.values()), abs=1e-5)
     # the Fahim et al. variant is logged under the same key
-    out2 = create_loss(make_args(gap_cu_weight=1.0, gap_uniformity="modality"))(**inputs, output_dict=True)
+    out2 = create_loss(make_args(["--gap-cu-weight", "1", "--gap-uniformity", "modality"]))(**inputs, output_dict=True)
     assert out2["gap_cu_loss"].item() == pytest.approx(ref_modality_uniformity(zs, 2.0), rel=1e-5)
 
 
 def test_text_anchor():
     inputs = clip_inputs()
     zs = [inputs["image_features"].double(), inputs["text_features"].double()]
-    out = create_loss(make_args(gap_atp_weight=1.0, gap_anchor="text"))(**inputs, output_dict=True)
+    out = create_loss(make_args(["--gap-atp-weight", "1", "--gap-anchor", "text"]))(**inputs, output_dict=True)
     assert out["gap_atp_loss"].item() == pytest.approx(ref_atp(zs, 1), rel=1e-5)
 
 
 def test_ramp_schedule_follows_progress():
     progress = TrainingProgress()
-    loss = create_loss(make_args(gap_atp_weight=1.0, gap_cu_weight=3.0, gap_schedule="ramp"), progress=progress)
+    loss = create_loss(make_args(["--gap-atp-weight", "1", "--gap-cu-weight", "3", "--gap-schedule", "ramp"]),
+                       progress=progress)
     expected = {0.0: (1.0, 3.0), 0.1: (1.0, 3.0), 0.45: (1.0, 1.5), 0.6: (1.2, 0.6), 0.8: (1.6, 0.0), 1.0: (2.0, 0.0)}
     progress.total_steps = 1000
     for frac, (w_atp, w_cu) in expected.items():
@@ -182,22 +171,22 @@ def test_ramp_schedule_follows_progress():
 
 def test_fixed_temperature_overrides_logit_scale():
     inputs = clip_inputs()
-    out = create_loss(make_args(fixed_temperature=0.1))(**{**inputs, "logit_scale": torch.tensor(3.0)},
-                                                        output_dict=True)
+    out = create_loss(make_args(["--fixed-temperature", "0.1"]))(**{**inputs, "logit_scale": torch.tensor(3.0)},
+                                                                 output_dict=True)
     ref = ClipLoss()(**{**inputs, "logit_scale": torch.tensor(10.0)})
     assert out["contrastive_loss"].item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 def test_siglip_and_coca_bases_get_their_inputs():
     inputs = clip_inputs()
-    out = create_loss(make_args(siglip=True, gap_atp_weight=1.0))(
+    out = create_loss(make_args(["--siglip", "--gap-atp-weight", "1"]))(
         **inputs, logit_bias=torch.tensor(-10.0), output_dict=True)
     ref = SigLipLoss()(**inputs, logit_bias=torch.tensor(-10.0))
     assert out["contrastive_loss"].item() == pytest.approx(ref.item(), rel=1e-6)
     assert "gap_atp_loss" in out
     logits = torch.randn(12, 5, 30)
     labels = torch.randint(0, 30, (12, 5))
-    out = create_loss(make_args(model="coca_tiny", gap_cu_weight=1.0))(
+    out = create_loss(make_args(["--model", "coca_tiny", "--gap-cu-weight", "1"]))(
         **inputs, logits=logits, labels=labels, output_dict=True)
     ref = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(**inputs, logits=logits, labels=labels,
                                                                  output_dict=True)
@@ -211,7 +200,7 @@ def test_accum_freq_gradient_equals_full_batch_gradient():
     torch.manual_seed(0)
     w = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
     x_img, x_txt = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64)
-    loss = create_loss(make_args(gap_atp_weight=1.0, gap_cu_weight=1.0))
+    loss = create_loss(make_args(["--gap-atp-weight", "1", "--gap-cu-weight", "1"]))
     scale = torch.tensor(5.0, dtype=torch.float64)
 
     def feats(rows):
@@ -235,7 +224,7 @@ def test_accum_freq_gradient_equals_full_batch_gradient():
 def test_nonfinite_features_name_term_and_step():
     progress = TrainingProgress()
     progress.step = 7
-    loss = create_loss(make_args(gap_atp_weight=1.0), progress=progress)
+    loss = create_loss(make_args(["--gap-atp-weight", "1"]), progress=progress)
     inputs = clip_inputs()
     inputs["image_features"] = inputs["image_features"].clone()
     inputs["image_features"][3, 1] = float("nan")
@@ -244,7 +233,7 @@ def test_nonfinite_features_name_term_and_step():
     msg = str(e.value)
     assert "gap_atp_loss" in msg and "step 7" in msg and "image_features has 1 non-finite" in msg
     # 'warn' logs and returns; 'off' does not check
-    warn = create_loss(make_args(gap_atp_weight=1.0, structure_nonfinite="warn"))
+    warn = create_loss(make_args(["--gap-atp-weight", "1", "--structure-nonfinite", "warn"]))
     assert torch.isnan(warn(**inputs, output_dict=True)["gap_atp_loss"])
 
 
@@ -258,7 +247,7 @@ class _ShapeBlindBase(torch.nn.Module):
 def test_mismatched_feature_shapes_are_refused():
     inputs = clip_inputs()
     inputs["text_features"] = unit(12, 6, 3, torch.float32)
-    loss = create_loss(make_args(gap_atp_weight=1.0), base_factory=lambda args: _ShapeBlindBase())
+    loss = create_loss(make_args(["--gap-atp-weight", "1"]), base_factory=lambda args: _ShapeBlindBase())
     with pytest.raises(ValueError, match=r"openclip-structure: embeddings must have the same \[batch, dim\] "
                                          r"shape, got \{'image': \(\d+, \d+\), 'text': \(12, 6\)\}"):
         loss(**inputs, output_dict=True)
@@ -266,7 +255,7 @@ def test_mismatched_feature_shapes_are_refused():
 
 def test_bf16_autocast_terms_in_float32():
     inputs = clip_inputs()
-    loss = create_loss(make_args(gap_atp_weight=1.0, gap_cu_weight=1.0))
+    loss = create_loss(make_args(["--gap-atp-weight", "1", "--gap-cu-weight", "1"]))
     ref = loss(**inputs, output_dict=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = loss(**{k: (v.bfloat16() if v.dim() else v) for k, v in inputs.items()}, output_dict=True)
@@ -277,7 +266,7 @@ def test_bf16_autocast_terms_in_float32():
 
 
 def test_nonfinite_skip_gives_zero_gradients_and_keeps_keys():
-    loss = create_loss(make_args(gap_atp_weight=1.0, gap_cu_weight=1.0, structure_nonfinite="skip"))
+    loss = create_loss(make_args(["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--structure-nonfinite", "skip"]))
     w = torch.randn(6, 8, requires_grad=True)
     x = torch.randn(12, 6)
     img = F.normalize(x @ w, dim=-1)

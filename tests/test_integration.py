@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from openclip_structure.integration import shim
-from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_dataset
 
 from helpers import ROOT, run
 from test_patch import copy_package, register_plugin, script, train_main

@@ -9,7 +9,9 @@ import pytest
 
 from openclip_structure.evaluation.coco import has_multi_captions
 from openclip_structure.data.reader import DataError, iter_shard_samples
-from openclip_structure.data.shards import Sample, digits_samples, write_shards
+from openclip_structure.data.reader import Sample
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_shards
 
 from test_multicaption import random_checkpoint  # noqa: F401 (fixture)
 

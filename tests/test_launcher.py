@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
+from openclip_structure import flags
 from openclip_structure import main as launcher
+from openclip_structure.registry import TERMS
 from openclip_structure.schedule import PROGRESS
 from openclip_structure.data.shards import digits_samples, write_dataset
 
@@ -55,14 +57,30 @@ def csv_args(data, logs, name, batch):
 
 # ---- parsing and validation: in-process, nothing trains ------------------------------------
 
-def test_help_lists_plugin_flags(capsys):
+def test_help_lists_every_plugin_flag_with_its_help(capsys):
+    """``--help`` is open_clip's own (its flags are there) with the plugin's group: every flag of
+    the registry (each term's weight and options, the general options), each with its help text."""
+    import argparse
+
     with pytest.raises(SystemExit) as e:
         launcher.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--gap-atp-weight", "--gap-cu-weight", "--gap-uniformity", "--gap-schedule",
-                 "--fixed-temperature", "--train-data", "--local-loss"):
-        assert flag in out
+    for flag in ("--train-data", "--model", "--local-loss", "--siglip"):  # open_clip_train's own
+        assert re.search(rf"^\s+{flag}(?![\w-])", out, re.M), flag
+    assert flags.GROUP_TITLE in out
+    plugin_help = out.split(flags.GROUP_TITLE, 1)[1]
+    squeezed = "".join(plugin_help.split())  # argparse wraps (and may break at hyphens) to the terminal width
+    # each flag's help text as the plugin declares it (argparse expands %-escapes when it prints)
+    declared = {a.option_strings[0]: a.help % dict(vars(a), prog="")
+                for a in flags.add_arguments(argparse.ArgumentParser())._actions if a.option_strings}
+    upstream_fsdp = launcher.uses_task_api()  # open_clip main: --fsdp is its own, the plugin's are left out
+    options = [o for o, _ in flags.all_options() if not (upstream_fsdp and o.flag.startswith("--fsdp"))]
+    assert len(options) >= 2 * len(TERMS)
+    for option in options:
+        assert re.search(rf"^\s+{option.flag}(?![\w-])", plugin_help, re.M), option.flag
+        text = declared[option.flag]
+        assert len(text) > 20 and "".join(text.split()) in squeezed, (option.flag, text)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -83,12 +101,37 @@ def test_bad_flags_fail_before_training(argv, message, tmp_path, capsys):
     assert os.listdir(tmp_path) == []  # nothing was created: training never started
 
 
-def test_patches_are_restored_after_main(capsys):
-    import open_clip_train.main as ocm
-    before = (ocm.parse_args, ocm.create_loss, torch.nn.parallel.DistributedDataParallel)
+def test_shim_names_are_replaced_only_while_the_run_lasts(capsys):
+    """Exactly the names of the shim's table are replaced inside open_clip_train's modules while a
+    run is installed and restored after it (also when open_clip's main exits, as with --help); no
+    attribute of torch or argparse is ever replaced."""
+    import argparse
+
+    from openclip_structure.integration import shim
+
+    modules = shim.training_modules()
+
+    def table_names():
+        return {(r.module, r.name): getattr(modules[r.module], r.name) for r in shim.TABLE}
+
+    def library_names():
+        return (torch.nn.parallel.DistributedDataParallel, torch.optim.AdamW, argparse.ArgumentParser)
+
+    before, libraries = table_names(), library_names()
+    assert len(before) == len(shim.TABLE)  # one entry per name
+    with launcher.installed():
+        during = table_names()
+        assert [k for k in before if during[k] is before[k]] == []  # every table name is replaced ...
+        assert library_names() == libraries  # ... and the libraries themselves are not
+        assert modules["open_clip_train.main"].torch.nn.parallel.DistributedDataParallel is not libraries[0]
+    after = table_names()
+    assert [k for k in before if after[k] is not before[k]] == []
     with pytest.raises(SystemExit):
         launcher.main(["--help"])
-    assert (ocm.parse_args, ocm.create_loss, torch.nn.parallel.DistributedDataParallel) == before
+    assert flags.GROUP_TITLE in capsys.readouterr().out  # the run parsed with the shim's argparse view
+    after = table_names()
+    assert [k for k in before if after[k] is not before[k]] == []
+    assert library_names() == libraries
 
 
 def test_scheduler_hook_records_progress():

@@ -179,8 +179,11 @@ def test_evaluator_scores_every_caption(random_checkpoint, tmp_path):
     import json
     import torch
 
+    from openclip_structure.data.reader import _decode_image
     from openclip_structure.evaluation import evaluator as evaluate
-    from openclip_structure.data.shards import Sample, digits_samples, write_shards
+    from openclip_structure.data.reader import Sample
+    from openclip_structure.data.sources import digits_samples
+    from openclip_structure.data.writer import write_shards
 
     base = digits_samples()[:60]
     lines = [[f"{s.caption}, picture {i}", f"the digit {s.label}, image {i}", f"picture {i}"][: 1 + i % 3]
@@ -193,7 +196,7 @@ def test_evaluator_scores_every_caption(random_checkpoint, tmp_path):
     assert (res["num_samples"], res["num_texts"]) == (60, 120)
     model, preprocess, tok = evaluate.load_model("structure-tiny", random_checkpoint, "cpu")
     with torch.no_grad():
-        img = np.stack([model.encode_image(preprocess(evaluate._decode_image(s.key, s.image))[None],
+        img = np.stack([model.encode_image(preprocess(_decode_image(s.key, s.image))[None],
                                            normalize=True)[0].numpy() for s in base])
         caps = [(i, c) for i, cs in enumerate(lines) for c in cs]
         txt = np.stack([model.encode_text(tok([c]), normalize=True)[0].numpy() for _, c in caps])
@@ -222,6 +225,7 @@ def coco_val_results(run_dir, val, json_text_key=None):
     (40 validation images with 79 captions)."""
     import json
 
+    from openclip_structure.data.reader import _decode_image
     from openclip_structure.evaluation import evaluator as evaluate
 
     r = [json.loads(line) for line in open(run_dir / "checkpoints" / "results.jsonl")][0]
@@ -247,7 +251,9 @@ def test_val_data_uses_the_coco_protocol(tmp_path):
     import subprocess
 
     from helpers import ROOT, command, env
-    from openclip_structure.data.shards import Sample, digits_samples, write_shards
+    from openclip_structure.data.reader import Sample
+    from openclip_structure.data.sources import digits_samples
+    from openclip_structure.data.writer import write_shards
 
     digits = digits_samples()[:104]
     # training: every 8th sample a one-word caption (no different text view), the others two captions

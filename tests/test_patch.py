@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import open_clip_train
-from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED = Path(open_clip_train.__file__).resolve().parent

@@ -17,8 +17,9 @@ from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.factory import create_loss
 from openclip_structure.data.shards import Sample, digits_samples, write_dataset, write_shards
+from openclip_structure.registry import TERMS
 
-from helpers import X_TAR, launch
+from helpers import X_TAR, launch, make_args
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1", "--workers", "1",
          "--seed", "0", "--log-every-n-steps", "1", "--batch-size", "32"]
 BAD_VALUES = ["-1", "nan", "inf", "bogus"]
@@ -91,7 +92,6 @@ def test_readme_flag_table_lists_every_flag_of_the_parser():
 
 def test_registry_terms_are_what_the_factory_builds():
     """Each registry entry's logged keys are exactly the loss keys its weight flag adds."""
-    from openclip_structure.registry import TERMS
     for spec in TERMS:
         argv = [spec.flag, "0.5"] + (["--text-aug", "eda"] if spec.views else [])
         loss = all_terms_loss(argv)
@@ -127,17 +127,12 @@ def test_zero_shot_prompt_files_need_labelled_validation(tmp_path, capsys):
 
 # ---- 2. degenerate batches: finite values and gradients for every term ------------------------
 
-ALL_TERMS = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "1", "--gc-aug-weight", "1",
-             "--bridge-weight", "1", "--sep-weight", "1", "--inmodal-weight", "1", "--text-aug", "eda"]
+#: every registry term on (weight 1), with a text view
+ALL_TERMS = [a for spec in TERMS for a in (spec.flag, "1")] + ["--text-aug", "eda"]
 
 
 def all_terms_loss(argv=ALL_TERMS):
-    ns = flags.add_arguments(argparse.ArgumentParser()).parse_args(argv)
-    for k, v in dict(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
-                     horovod=False, distill=False, siglip=False, model="structure-tiny",
-                     loss_dist_impl=None).items():
-        setattr(ns, k, v)
-    return create_loss(ns)
+    return create_loss(make_args(argv))
 
 
 FEATURE_KEYS = ["image_features", "text_features", "image_aug_features", "text_aug_features",

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from openclip_structure.data.shards import digits_samples
+from openclip_structure.data.sources import digits_samples
 
 from helpers import ROOT, logged, run
 

@@ -61,7 +61,7 @@ def test_every_named_attribute_is_in_the_image(samples):
 def test_labels_are_the_digits_and_named_in_the_caption(samples):
     from sklearn.datasets import load_digits
 
-    from openclip_structure.data.shards import DIGIT_WORDS
+    from openclip_structure.data.sources import DIGIT_WORDS
 
     assert [s.label for s in samples] == [int(y) for y in load_digits().target]
     for s in samples:

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from openclip_structure.data import scenes  # noqa: E402
-from openclip_structure.data.shards import read_shards  # noqa: E402
+from openclip_structure.data.reader import read_shards
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openclip_structure.data.shards import (
-    DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, csv_samples, digits_samples, folder_class_names,
-    folder_samples, read_shards, split_train_val, write_dataset, write_shards,
-)
+from openclip_structure.data.reader import Sample, read_shards
+from openclip_structure.data.sources import (DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, csv_samples,
+                                             digits_samples, folder_class_names, folder_samples)
+from openclip_structure.data.writer import split_train_val, write_dataset, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,6 +235,6 @@ def test_cli_digits(tmp_path):
     assert (out / "zeroshot_classification_templates.txt").read_text().splitlines() == list(DIGIT_ZEROSHOT_TEMPLATES)
     assert info["prompts"]["classnames"] == str((out / "classnames.txt").resolve())
 
-    res = subprocess.run([sys.executable, "-m", "openclip_structure.data.shards", "--source", "folder", "--out",
+    res = subprocess.run([sys.executable, "-m", "openclip_structure.data.cli", "--source", "folder", "--out",
                           str(tmp_path / "f")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "needs --path" in res.stderr

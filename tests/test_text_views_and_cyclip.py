@@ -1,9 +1,7 @@
 """Text views: no degenerate text halves, real second captions from multi-caption data; and the
 flag set that reproduces CyCLIP's objective, against a plain reimplementation of CyCLIP's loss."""
-import argparse
 import os
 import random
-from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -11,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from openclip_structure import flags
 from openclip_structure.factory import build_terms, create_loss, skipped_halves
 from openclip_structure.losses import InModalContrastive, SeparationInModalContrast
 from openclip_structure.data.shards import Sample, digits_samples, write_shards
@@ -20,16 +17,9 @@ from openclip_structure.views.text import TwoCaptions
 
 import openclip_structure
 
+from helpers import make_args
+
 open_clip.add_model_config(os.path.join(os.path.dirname(openclip_structure.__file__), "model_configs"))
-
-
-def plugin_args(argv):
-    ns = flags.add_arguments(argparse.ArgumentParser()).parse_args(argv)
-    for k, v in dict(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
-                     horovod=False, distill=False, siglip=False, model="structure-tiny", loss_dist_impl=None).items():
-        setattr(ns, k, v)
-    flags.validate(ns)
-    return ns
 
 
 def unit(g, n, d=6):
@@ -39,12 +29,12 @@ def unit(g, n, d=6):
 # ---- no degenerate text halves ----------------------------------------------------------------
 
 def test_without_a_second_caption_the_text_halves_are_skipped():
-    on = {t.name: t for t, _ in build_terms(plugin_args(["--inmodal-weight", "1", "--sep-weight", "1"]))}
+    on = {t.name: t for t, _ in build_terms(make_args(["--inmodal-weight", "1", "--sep-weight", "1"]))}
     assert on["inmodal"].keys == ("image", "image_aug") and on["sep_icon"].keys == ("image_ind", "image_aug_ind")
     notes = skipped_halves(on.values())
     assert len(notes) == 1 and "sep_icon and inmodal" in notes[0] and "--text-aug captions" in notes[0]
     for aug in ("eda", "captions"):
-        args = plugin_args(["--inmodal-weight", "1", "--sep-weight", "1", "--text-aug", aug])
+        args = make_args(["--inmodal-weight", "1", "--sep-weight", "1", "--text-aug", aug])
         terms = {t.name: t for t, _ in build_terms(args)}
         assert "text_aug" in terms["inmodal"].keys and "text_aug_ind" in terms["sep_icon"].keys
         assert skipped_halves(terms.values()) == []
@@ -67,7 +57,7 @@ def test_image_half_alone_equals_the_image_infonce():
 def test_no_gradient_pushes_captions_apart_without_text_views():
     """--inmodal-weight without a text view: the term gives the text embeddings no gradient (before,
     its text half contrasted each caption with itself and pushed captions apart)."""
-    loss = create_loss(plugin_args(["--inmodal-weight", "1"]))
+    loss = create_loss(make_args(["--inmodal-weight", "1"]))
     g = torch.Generator().manual_seed(1)
     v, t, va = unit(g, 6), unit(g, 6), unit(g, 6)
     out = loss(image_features=v, text_features=t, image_aug_features=va,
@@ -99,9 +89,8 @@ def test_multi_caption_webdataset_through_open_clips_pipeline(tmp_path):
                for i, s in enumerate(digits_samples()[:16])]  # every caption unique
     shards = write_shards(samples, tmp_path, num_shards=2)
     tok = open_clip.get_tokenizer("structure-tiny")
-    args = SimpleNamespace(train_data=shards["pattern"], train_num_samples=16, batch_size=8, workers=0,
-                           world_size=1, seed=0, train_data_upsampling_factors=None, dataset_resampled=False,
-                           val_data=None, val_num_samples=None)
+    args = make_args(["--train-data", shards["pattern"], "--train-num-samples", "16", "--batch-size", "8",
+                      "--workers", "0", "--seed", "0"])
     _, _, preprocess = open_clip.create_model_and_transforms("structure-tiny")
     data = get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=TwoCaptions(tok, CaptionPair()))
     batches = list(data.dataloader)
@@ -117,9 +106,11 @@ def test_multi_caption_webdataset_through_open_clips_pipeline(tmp_path):
     assert sorted(k for k, _ in keys) == sorted(s.key for s in samples)
 
 
-def test_text_aug_captions_needs_a_view_term():
-    with pytest.raises(flags.FlagError, match="--text-aug captions only feeds the two-view regularizers"):
-        plugin_args(["--text-aug", "captions"])
+def test_text_aug_captions_needs_a_view_term(capsys):
+    with pytest.raises(SystemExit) as e:
+        make_args(["--text-aug", "captions"])
+    assert e.value.code == 2
+    assert "--text-aug captions only feeds the two-view regularizers" in capsys.readouterr().err
 
 
 # ---- CyCLIP parity ----------------------------------------------------------------------------
@@ -143,7 +134,7 @@ def cyclip_objective(v, t, va, ta, scale, lambda1=0.25, lambda2=0.25):
 def test_flag_set_reproduces_cyclip_up_to_a_factor_of_two(lam):
     """--inmodal-weight 1 --gc-weight 2*lambda with a text view = 2 x CyCLIP's objective with
     cylambda1 = cylambda2 = lambda: value and gradient (embeddings and logit scale)."""
-    args = plugin_args(["--inmodal-weight", "1", "--gc-weight", str(2 * lam), "--text-aug", "eda"])
+    args = make_args(["--inmodal-weight", "1", "--gc-weight", str(2 * lam), "--text-aug", "eda"])
     loss = create_loss(args)
     assert isinstance(loss.base, ClipLoss)
     g = torch.Generator().manual_seed(2)
@@ -165,7 +156,8 @@ def test_two_views_work_with_open_clips_synthetic_dataset():
     from openclip_structure.views.image import TwoViews, augmented_view_transform
     _, preprocess, _ = open_clip.create_model_and_transforms("structure-tiny")
     two = TwoViews(preprocess, augmented_view_transform(preprocess, "crop"))
-    args = SimpleNamespace(train_num_samples=4, batch_size=2, workers=0, distributed=False)
+    args = make_args(["--dataset-type", "synthetic", "--train-num-samples", "4", "--batch-size", "2",
+                      "--workers", "0"])
     images, texts = next(iter(get_synthetic_dataset(args, two, is_train=True, tokenizer=open_clip.get_tokenizer(
         "structure-tiny")).dataloader))
     assert images.shape == (2, 2, 3, 32, 32)

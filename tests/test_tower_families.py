@@ -26,7 +26,8 @@ from torch import nn
 from openclip_structure import registry
 from openclip_structure.views import towers
 from openclip_structure.views.heads import HEADS_KEY, attach_heads
-from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_dataset
 from openclip_structure.integration.forward import install_forward
 from openclip_structure.views.towers import encode_pooled
 

@@ -8,10 +8,8 @@ import torch
 from openclip_structure.evaluation import inputs as EI
 from openclip_structure.evaluation import metrics as M
 from openclip_structure.evaluation import zeroshot as Z
-from openclip_structure.data.shards import DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, write_prompt_files
-
-
-# ----------------------------------------------------------------------------- accuracy from embeddings
+from openclip_structure.data.sources import DIGIT_TEMPLATES, DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES
+from openclip_structure.data.writer import write_prompt_files
 
 
 def test_zero_shot_accuracy_against_hand_computation():

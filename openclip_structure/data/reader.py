@@ -1,4 +1,5 @@
-"""Reading webdataset shards for evaluation: ``(key, image bytes, caption, label)`` per sample.
+"""Reading webdataset shards: ``(key, image bytes, caption, label)`` per sample, and the
+:class:`Sample` the writers and readers share.
 
 Shared by the evaluator, the validation hook, the per-term diagnostics and the CLIP_benchmark
 exporter (a module of its own, so that none of them imports another just to read shards).
@@ -7,20 +8,27 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from .check import expand_sources
+
+#: the image members (and, for a folder source, the image files) the shards use, without the dot
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+@dataclass
+class Sample:
+    """One image-caption pair; ``image`` holds PNG bytes, ``label`` a class id or None."""
+
+    key: str
+    image: bytes
+    caption: str
+    label: Optional[int] = None
 
 
 class DataError(ValueError):
     """Shards that cannot be evaluated (missing files, no complete samples)."""
-
-
-def _expand(pattern) -> List[str]:
-    """The shard paths of a brace pattern (``::`` separates several) or a list, as open_clip expands them."""
-    from .check import expand_sources
-
-    return expand_sources(pattern)
 
 
 def tar_samples(urls) -> Iterator[Dict[str, bytes]]:
@@ -60,7 +68,7 @@ def iter_shard_samples(pattern, stats: Optional[dict] = None,
     stats.setdefault("skipped", 0)
     if json_keys is not None and not _split_keys(json_keys):
         raise DataError(f"the JSON caption keys {json_keys!r} name no key (expected e.g. 'caption_a;caption_b')")
-    urls = _expand(pattern)
+    urls = expand_sources(pattern)
     if not urls:
         raise DataError(f"the pattern {pattern!r} names no shard")
     missing = [u for u in urls if not os.path.isfile(u)]
@@ -102,3 +110,14 @@ def _decode_image(key: str, data: bytes):
             return im.convert("RGB")
     except Exception as e:
         raise DataError(f"sample {key}: cannot decode the image: {e}") from e
+
+
+def read_shards(pattern_or_paths) -> List[Sample]:
+    """Read shards back (webdataset's tar reader) from a brace pattern or a list of tar paths, in
+    order; a sample without an image gets ``image=None``, one without a caption ``caption=""``."""
+    samples = []
+    for f in tar_samples(expand_sources(pattern_or_paths)):
+        image = next((f[e] for e in IMAGE_EXTS if e in f), None)
+        label = int(f["cls"]) if "cls" in f else None
+        samples.append(Sample(f["__key__"], image, f.get("txt", b"").decode("utf-8"), label))
+    return samples

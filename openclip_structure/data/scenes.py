@@ -16,7 +16,7 @@ layout alone separate a batch, or the digit moved too much to be learned in that
 ``DIGIT_SIZE`` and the place draws remain (a full-canvas digit leaves no margin, so the place is
 fixed) so that the seed gives the same data as the measured runs.
 
-``write_scenes_dataset`` writes it like :func:`openclip_structure.data.shards.write_digits_dataset`
+``write_scenes_dataset`` writes it like :func:`openclip_structure.data.writer.write_digits_dataset`
 (train/val shards with ``.cls`` digit labels, class names and held-out zero-shot templates).
 """
 from __future__ import annotations
@@ -26,7 +26,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from .shards import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, Sample, _png_bytes, write_dataset
+from .reader import Sample
+from .sources import DIGIT_WORDS, DIGIT_ZEROSHOT_TEMPLATES, _png_bytes
+from .writer import write_dataset
 
 INKS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240)}
 BACKGROUNDS = {"dark": (15, 15, 15), "light": (120, 120, 120)}
@@ -110,7 +112,7 @@ def write_scenes_bigval_dataset(out_dir, image_size: int = 32, seed: int = 0, va
 
     from sklearn.datasets import load_digits
 
-    from .shards import split_train_val, write_prompt_files, write_shards
+    from .writer import split_train_val, write_prompt_files, write_shards
 
     if val_repeats < 1:
         raise ValueError(f"val_repeats must be >= 1, got {val_repeats}")

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import zeroshot
-from ..data.shards import Sample, write_prompt_files, write_shards
+from ..data.reader import Sample
+from ..data.writer import write_prompt_files, write_shards
 
 TASKS = ("classification", "retrieval")
 

@@ -49,7 +49,7 @@ from . import multicaption as MC
 from . import zeroshot
 from ..data.captions import _split_keys
 from .encoding import encode_shards
-from ..data.reader import IMAGE_EXTS, DataError, _decode_image, _expand, iter_shard_samples  # noqa: F401
+from ..data.reader import DataError, iter_shard_samples
 from .tables import format_metrics_table, format_shift_table
 from .exporter import CheckpointError
 from .loading import LOCAL_DIR, load_model
