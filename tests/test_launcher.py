@@ -15,7 +15,8 @@ from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.registry import TERMS
 from openclip_structure.schedule import PROGRESS
-from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_dataset
 
 from helpers import ROOT, logged, run
 

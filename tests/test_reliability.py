@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.factory import create_loss
-from openclip_structure.data.shards import Sample, digits_samples, write_dataset, write_shards
+from openclip_structure.data.reader import Sample
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_dataset, write_shards
 from openclip_structure.registry import TERMS
 
 from helpers import X_TAR, launch, make_args

@@ -23,7 +23,8 @@ from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.factory import MissingFeaturesError, build_terms, create_loss
 from openclip_structure.views.heads import HEADS_KEY, attach_heads, check_separation_support
-from openclip_structure.data.shards import digits_samples, write_dataset
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_dataset
 from openclip_structure.data.captions import EDA
 from openclip_structure.integration.forward import install_forward
 from openclip_structure.integration.model import prepare_model

@@ -11,7 +11,9 @@ from open_clip.loss import ClipLoss
 
 from openclip_structure.factory import build_terms, create_loss, skipped_halves
 from openclip_structure.losses import InModalContrastive, SeparationInModalContrast
-from openclip_structure.data.shards import Sample, digits_samples, write_shards
+from openclip_structure.data.reader import Sample
+from openclip_structure.data.sources import digits_samples
+from openclip_structure.data.writer import write_shards
 from openclip_structure.data.captions import CaptionPair, EDAPair, split_captions
 from openclip_structure.views.text import TwoCaptions
 
