@@ -39,7 +39,7 @@ def copy_package(dest: Path, version: str = None) -> Path:
 
 def script(*args):
     """``python -m openclip_structure.patch args``."""
-    return subprocess.run([sys.executable, "-m", "openclip_structure.integration.hook_patch", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "openclip_structure.patch", *map(str, args)], capture_output=True,
                           text=True, timeout=60, env=env(Path(ROOT)), cwd=str(ROOT))
 
 

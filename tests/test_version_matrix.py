@@ -87,7 +87,7 @@ def test_legacy_training_main_with_the_2x_hook_patch(shards, tmp_path):
     site = tmp_path / "site"
     for name in ("open_clip", "training"):
         shutil.copytree(os.path.join(source, name), site / name, ignore=shutil.ignore_patterns("__pycache__"))
-    proc = subprocess.run([sys.executable, "-m", "openclip_structure.integration.hook_patch", "--target", str(site)],
+    proc = subprocess.run([sys.executable, "-m", "openclip_structure.patch", "--target", str(site)],
                           capture_output=True, text=True, env=env(ROOT), timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("applied"), proc.stdout + proc.stderr
     assert "open_clip_torch 2.24.0, module `training`; training-2.x-plugins.patch" in proc.stdout

@@ -112,7 +112,7 @@ def test_installed_wheel_beside_open_clip(which, wheel_site, base_site, tmp_path
     assert not module.startswith(ROOT)
 
     help_ = outside(["-m", "openclip_structure.main", "--help"], *path, cwd=tmp_path)
-    check = outside(["-m", "openclip_structure.integration.hook_patch", "--check"], *path, cwd=tmp_path)
+    check = outside(["-m", "openclip_structure.patch", "--check"], *path, cwd=tmp_path)
     if which == "3.3.0":
         assert version == "3.3.0"
         assert help_.returncode == 0 and "--gap-atp-weight" in help_.stdout, help_.stderr[-3000:]
@@ -143,7 +143,7 @@ def test_wheel_patches_legacy_training_main(wheel_site, base_site, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     path = (wheel_site, site, base_site)
-    applied = outside(["-m", "openclip_structure.integration.hook_patch", "--target", str(site)], *path, cwd=run_dir)
+    applied = outside(["-m", "openclip_structure.patch", "--target", str(site)], *path, cwd=run_dir)
     assert applied.returncode == 0 and applied.stdout.startswith("applied"), applied.stdout + applied.stderr
     help_ = outside(["-m", "training.main", "--help"], *path, cwd=run_dir)
     assert help_.returncode == 0, help_.stderr[-3000:]

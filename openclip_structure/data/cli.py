@@ -47,11 +47,10 @@ def main(argv=None) -> int:
             samples, names = csv_samples(a.path, a.csv_img_key, a.csv_caption_key, a.csv_label_key,
                                          a.csv_separator, a.image_size), None
         info = write_dataset(samples, a.out, seed=a.seed, classnames=names or None, **split)
-    for split in ("train", "val"):
-        s = info[split]
-        print(f"{split}: {s['pattern']}  ({s['num_samples']} samples, {s['num_shards']} shards)")
-    print(f"num_classes: {info['num_classes']}")
-    print(f"wrote {Path(a.out).resolve() / 'dataset.json'}")
+    report = [f"{name}: {info[name]['pattern']}  ({info[name]['num_samples']} samples, "
+              f"{info[name]['num_shards']} shards)" for name in ("train", "val")]
+    report += [f"num_classes: {info['num_classes']}", f"wrote {Path(a.out).resolve() / 'dataset.json'}"]
+    print("\n".join(report))
     return 0
 
 

@@ -100,7 +100,3 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"evaluate with: clip_benchmark eval --dataset wds/NAME --dataset_root {info['root']} "
           f"--task zeroshot_{a.task} --model local-dir:EXPORTED --pretrained none")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -252,7 +252,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"wrote {info['weights']}")
     print(f"load with: open_clip.create_model_and_transforms({info['model']!r})")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

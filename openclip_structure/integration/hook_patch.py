@@ -294,7 +294,3 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(f"refused: no permission to write {e.filename}: run with a Python/user that owns that "
               "installation, or use --target on a copy", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(run())
