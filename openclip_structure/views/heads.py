@@ -27,7 +27,6 @@ from torch import nn
 
 from . import towers
 from ..losses import IndependentHead
-from .towers import UnsupportedModelError  # noqa: F401 (public name)
 
 #: attribute of the model and top-level key of the checkpoint that hold the heads
 HEADS_KEY = "structure_heads"
@@ -57,7 +56,7 @@ def saved_heads(path, checkpoint=None, epoch=None) -> Tuple[Optional[Dict[str, t
 
 def check_separation_support(model: nn.Module, model_name: str = "?") -> Dict[str, "towers.Projection"]:
     """The towers' projections the heads read beside (:func:`openclip_structure.views.towers.projections`);
-    raises :class:`UnsupportedModelError` naming the model and the reason where there is none."""
+    raises :class:`~openclip_structure.views.towers.UnsupportedModelError` naming the model and the reason where there is none."""
     return towers.projections(model, model_name)
 
 
