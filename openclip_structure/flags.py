@@ -14,8 +14,8 @@ from .errors import FlagError
 from .registry import (TERMS, TEXT_AUGS, VIEW_AUGS, Option, TermSpec, enabled, number, regularizers_enabled, separation_enabled,
                        text_views_enabled, view_flags, views_enabled, weight)
 
-__all__ = ["FlagError", "add_arguments", "validate", "flag_table", "plugin_destinations", "regularizers_enabled",
-           "separation_enabled", "text_views_enabled", "views_enabled", "VIEW_AUGS", "TEXT_AUGS"]
+__all__ = ["FlagError", "add_arguments", "validate", "flag_table", "option_help", "weight_help", "plugin_destinations",
+           "regularizers_enabled", "separation_enabled", "text_views_enabled", "views_enabled", "VIEW_AUGS", "TEXT_AUGS"]
 
 GROUP_TITLE = "openclip-structure (modality gap and latent modality structure)"
 
@@ -38,103 +38,113 @@ def _prompt_file(kind: str):
 
 
 
-#: flags that are not a term's own (the terms' flags come from the registry)
+#: flags that are not a term's own (the terms' flags come from the registry); each ``text`` is the
+#: flag's one description: its ``--help`` and its README table line are built from it
 GENERAL_OPTIONS: Tuple[Option, ...] = (
-    Option("--gap-schedule", dict(
-        choices=["constant", "ramp"], default="constant",
-        help="'constant': the weights as given (the paper). 'ramp': the authors' schedule in fractions of "
-             "total steps: CU x1 until 20%%, linear to 0 by 70%%; ATP x1 until 50%%, linear to x2 by 100%%."),
-        "`ramp`: the authors' schedule of the gap weights in fractions of total steps (CU ×1 until 20 %, "
-        "→ 0 by 70 %; ATP ×1 until 50 %, → ×2 at 100 %)"),
-    Option("--fixed-temperature", dict(
-        type=number(lo=0.01, hi=1.0, what="temperature"), default=None,
-        help="Freeze the contrastive temperature at this value (logit scale 1/T) instead of learning it; "
-             "Grassucci et al. train with 0.1. Default: learned, as open_clip."),
-        "freeze the contrastive temperature (paper: 0.1); logit scale = 1/T", "learned"),
-    Option("--model-config-dir", dict(
-        type=config_dir, action="append", default=None, metavar="DIR",
-        help="A folder of open_clip model configs (<model>.json) to register before the model is built, so that "
-             "--model <model> trains (and fine-tunes with --pretrained CHECKPOINT) a config of your own; "
-             "repeatable."),
-        "a folder of your own open_clip model configs (`<model>.json`), registered before the model is built "
-        "(`--model <model> --pretrained ckpt.pt` then fine-tunes); repeatable", "none"),
-    Option("--view-aug", dict(
-        choices=list(VIEW_AUGS), default="crop",
-        help="Second image view, used by the terms that need views: 'crop' = RandomResizedCrop(scale=(0.5, 1)) "
-             "+ horizontal flip; 'autoaugment' = resize, torchvision AutoAugment (ImageNet policy); then the "
-             "model's own normalisation."),
-        "second image view for the view-based terms: RandomResizedCrop(0.5–1)+flip, or AutoAugment"),
-    Option("--text-aug", dict(
-        choices=list(TEXT_AUGS), default="none",
-        help="Text view of the view-based terms: 'none' = no text view: the text halves of inmodal and "
-             "sep_icon are skipped and z^a_T = z_T in gc_aug; 'captions' = another caption of the same sample: "
-             "the train data's caption (webdataset <key>.txt, CSV caption column) holds several captions, one "
-             "per line, or on open_clip main the <key>.json fields named by --json-text-key 'a;b' are the "
-             "captions; each step uses one caption and a different one as its view (a sample with a single "
-             "caption gets its EDA copy); 'eda' = EDA-style random word dropout (p=0.1) and one random swap of "
-             "two words."),
-        "the text view: `captions` = another caption of the same sample (multi-caption data: `.txt` lines, or "
-        "on open_clip main the `.json` fields of `--json-text-key 'a;b'`); `eda` = word dropout (p=0.1) + one "
-        "word swap (the thesaurus-free part of EDA); `none` = no text view, the text halves of `inmodal` and "
-        "`sep_icon` are skipped"),
-    Option("--val-structure-metrics", dict(
-        choices=["gap", "all", "none"], default="gap",
-        help="Extra validation metrics with --val-data (logged as val/...): 'gap' = label-free gap measures "
-             "from open_clip's own validation embeddings (default); 'all' = also group-level clustering, "
-             "class-level retrieval and zero-shot classification, which need a <key>.cls label in every "
-             "webdataset validation sample (one extra pass over the validation shards); 'none'."),
-        "extra `val/...` metrics with `--val-data` (see below)"),
-    Option("--val-zeroshot-classnames", dict(
-        type=_prompt_file("classnames"), default=None, metavar="FILE",
-        help="With --val-structure-metrics all: class names of the zero-shot classification (val/zeroshot_top1), "
-             "one per line, line i = .cls id i. Default: classnames.txt beside the validation shards, else the "
-             ".cls ids."),
-        "zero-shot class names, one per line", "`classnames.txt` beside the validation shards, else the `.cls` ids"),
-    Option("--val-zeroshot-templates", dict(
-        type=_prompt_file("templates"), default=None, metavar="FILE",
-        help="With --val-structure-metrics all: zero-shot prompt templates, one per line with a {c} placeholder. "
-             "Default: zeroshot_classification_templates.txt beside the validation shards, else open_clip's "
-             "SIMPLE_IMAGENET_TEMPLATES."),
-        "zero-shot prompt templates with `{c}`",
-        "CLIP_benchmark's `zeroshot_classification_templates.txt` beside the shards, else open_clip's"),
-    Option("--structure-nonfinite", dict(
-        choices=["raise", "skip", "warn", "off"], default="raise",
-        help="What to do when a loss term is NaN/inf: 'raise' stops with the term's name and the step; 'skip' "
-             "logs it and zeroes every loss term of that step (zero gradients; AdamW still applies its "
-             "momentum and weight decay); 'warn' logs it and goes on; 'off' skips the check (saves one host "
-             "sync per step)."),
-        "a NaN/inf loss term stops training with the term's name and the step; `skip` zeroes that step's "
-        "loss (zero gradients) and goes on"),
-    Option("--fsdp", dict(
-        action="store_true",
-        help="Shard the model with PyTorch FSDP2 (fully_shard per transformer block and at the root) instead "
-             "of DistributedDataParallel; needs more than one process. Checkpoints stay in open_clip's format "
-             "(full state dict on rank 0)."),
-        "FSDP2 sharding instead of DDP (below)"),
-    Option("--fsdp-param-dtype", dict(
-        choices=["fp32", "bf16", "fp16"], default="fp32",
-        help="FSDP2 mixed precision: dtype the sharded blocks compute in (fp32 = no cast)."),
-        "FSDP2 compute dtype"),
-    Option("--fsdp-reduce-dtype", dict(
-        choices=["fp32", "bf16"], default="fp32", help="FSDP2 mixed precision: dtype of the gradient reduce-scatter."),
-        "FSDP2 gradient reduce-scatter dtype"),
-    Option("--fsdp-sharded-checkpoint", dict(
-        action="store_true",
-        help="With --fsdp, also write a sharded torch.distributed.checkpoint copy each epoch "
-             "(checkpoints/epoch_N_dcp/, fast to save/resume for very large models; --resume accepts that "
-             "directory)."),
-        "also a sharded `torch.distributed.checkpoint` copy per epoch"),
+    Option("--gap-schedule", dict(choices=["constant", "ramp"], default="constant"),
+           f"`constant`: the gap weights ({', '.join(f'`{s.flag}`' for s in TERMS if s.gap_schedule)}) as given (the "
+           "paper); `ramp`: the authors' schedule in fractions of total steps (CU ×1 until 20 %, linear → 0 by "
+           "70 %; ATP ×1 until 50 %, linear → ×2 at 100 %)"),
+    Option("--fixed-temperature", dict(type=number(lo=0.01, hi=1.0, what="temperature"), default=None),
+           "freeze the contrastive temperature at this value (logit scale = 1/T) instead of learning it "
+           "(Grassucci et al. train with 0.1)", "learned, as open_clip"),
+    Option("--model-config-dir", dict(type=config_dir, action="append", default=None, metavar="DIR"),
+           "a folder of your own open_clip model configs (`<model>.json`), registered before the model is built, "
+           "so that `--model <model>` trains it (and `--pretrained ckpt.pt` fine-tunes it); repeatable", "none"),
+    Option("--view-aug", dict(choices=list(VIEW_AUGS), default="crop"),
+           f"second image view of the view-based terms ({', '.join(f'`{s.flag}`' for s in TERMS if s.views)}): "
+           "`crop` = RandomResizedCrop(scale=(0.5, 1)) + horizontal flip; `autoaugment` = resize, torchvision "
+           "AutoAugment (ImageNet policy); then the model's own normalisation"),
+    Option("--text-aug", dict(choices=list(TEXT_AUGS), default="none"),
+           "the text view of the view-based terms: `none` = no text view: the text halves of `inmodal` and "
+           "`sep_icon` are skipped and z^a_T = z_T in `gc_aug`; `captions` = another caption of the same sample: "
+           "the train data's caption (webdataset `<key>.txt`, CSV caption column) holds several, one per line, or "
+           "on open_clip main the `.json` fields of `--json-text-key 'a;b'` are the captions; each step uses one "
+           "caption and a different one as its view (a sample with a single caption gets its EDA copy); `eda` = "
+           "word dropout (p=0.1) + one word swap (the thesaurus-free part of EDA)"),
+    Option("--val-structure-metrics", dict(choices=["gap", "all", "none"], default="gap"),
+           "extra `val/...` metrics with `--val-data`: `gap` = label-free gap measures from open_clip's own "
+           "validation embeddings; `all` = also group-level clustering, class-level retrieval and zero-shot "
+           "classification, which need a `<key>.cls` label in every webdataset validation sample (one extra pass "
+           "over the validation shards); `none`"),
+    Option("--val-zeroshot-classnames", dict(type=_prompt_file("classnames"), default=None, metavar="FILE"),
+           "with `--val-structure-metrics all`: the class names of the zero-shot classification "
+           "(`val/zeroshot_top1`), one per line, line i = `.cls` id i",
+           "`classnames.txt` beside the validation shards, else the `.cls` ids"),
+    Option("--val-zeroshot-templates", dict(type=_prompt_file("templates"), default=None, metavar="FILE"),
+           "with `--val-structure-metrics all`: zero-shot prompt templates, one per line with a `{c}` placeholder",
+           "CLIP_benchmark's `zeroshot_classification_templates.txt` beside the validation shards, else open_clip's "
+           "`SIMPLE_IMAGENET_TEMPLATES`"),
+    Option("--structure-nonfinite", dict(choices=["raise", "skip", "warn", "off"], default="raise"),
+           "what a NaN/inf loss term does: `raise` stops training with the term's name and the step; `skip` logs it "
+           "and zeroes every loss term of that step (zero gradients; AdamW still applies its momentum and weight "
+           "decay); `warn` logs it and goes on; `off` skips the check (saves one host sync per step)"),
+    Option("--fsdp", dict(action="store_true"),
+           "shard the model with PyTorch FSDP2 (`fully_shard` per transformer block and at the root) instead of "
+           "DDP; needs more than one process; checkpoints stay in open_clip's format (full state dict on rank 0)"),
+    Option("--fsdp-param-dtype", dict(choices=["fp32", "bf16", "fp16"], default="fp32"),
+           "FSDP2 mixed precision: the dtype the sharded blocks compute in (`fp32` = no cast)"),
+    Option("--fsdp-reduce-dtype", dict(choices=["fp32", "bf16"], default="fp32"),
+           "FSDP2 mixed precision: the dtype of the gradient reduce-scatter"),
+    Option("--fsdp-sharded-checkpoint", dict(action="store_true"),
+           "with `--fsdp`, also a sharded `torch.distributed.checkpoint` copy per epoch (`checkpoints/epoch_N_dcp/`, "
+           "fast to save and resume for very large models; `--resume` accepts that folder)"),
 )
+
+#: what a term needs, as its README line and its ``--help`` say it
+NEEDS = (("views", "needs the second view (`--view-aug`)"), ("heads", "adds separation heads"))
+
+
+def weight_option(spec: TermSpec) -> Option:
+    """The term's weight flag (its ``text`` is unused: :func:`weight_help` and :func:`flag_table`
+    build its description from the spec's fields)."""
+    return Option(spec.flag, dict(type=weight, default=0.0), spec.title)
 
 
 def all_options() -> List[Tuple[Option, TermSpec | None]]:
     """Every plugin flag in ``--help`` order: each term's weight and own options, then the general ones."""
     out: List[Tuple[Option, TermSpec | None]] = []
     for spec in TERMS:
-        out.append((Option(spec.flag, dict(type=weight, default=0.0, help=spec.help), ""), spec))
+        out.append((weight_option(spec), spec))
         out.extend((o, spec) for o in spec.options)
     out.extend((o, None) for o in GENERAL_OPTIONS)
     return out
+
+
+#: the README's typography as ``--help`` writes it (plain ASCII, whatever the terminal)
+_ASCII = str.maketrans({"`": None, "×": "x", "→": "->", "‖": "||", "²": "^2", "–": "-", "%": "%%"})
+
+
+def _plain(text: str) -> str:
+    """Markdown text as ``--help`` shows it: no backticks, ASCII, ``%`` escaped for argparse."""
+    return text.translate(_ASCII)
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _needs(spec: TermSpec) -> List[str]:
+    return [what for attr, what in NEEDS if getattr(spec, attr)]
+
+
+def weight_help(spec: TermSpec) -> str:
+    """``--help`` of the term's weight flag, from the spec's fields (as its README line)."""
+    needs = "; ".join(_needs(spec))
+    return _plain(f"Weight of {spec.title} [{spec.paper}]. " + (f"{_sentence(needs)}. " if needs else "")
+                  + f"Logged as {', '.join(spec.logged)}. 0 = off.")
+
+
+def option_help(option: Option, spec: TermSpec | None = None) -> str:
+    """``--help`` of a flag: its ``text``, the term it configures (for a term's option) and its default."""
+    if spec is not None and option.flag == spec.flag:
+        return weight_help(spec)
+    text = _sentence(option.text) + "."
+    if spec is not None:
+        text += f" With {spec.flag} ({spec.name})" + ("." if option.kwargs.get("action") == "store_true" else ";")
+    if option.kwargs.get("action") != "store_true":
+        text += f" {'default' if spec is not None else 'Default'}: {_default(option)}."
+    return _plain(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -145,9 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return parser
     upstream_fsdp = parser_has_own_fsdp(parser)
     g = parser.add_argument_group(GROUP_TITLE)
-    for option, _ in all_options():
+    for option, spec in all_options():
         if not (upstream_fsdp and option.flag.startswith("--fsdp")):
-            g.add_argument(option.flag, **option.kwargs)
+            g.add_argument(option.flag, **option.kwargs, help=option_help(option, spec))
     return parser
 
 
@@ -166,21 +176,20 @@ def _default(option: Option) -> str:
 
 
 def flag_table() -> str:
-    """The README's flag table (markdown), from the registry and :data:`GENERAL_OPTIONS`."""
+    """The README's flag table (markdown), from the registry and :data:`GENERAL_OPTIONS`: the same
+    fields as each flag's ``--help``."""
     rows = ["| flag | default | what |", "|---|---|---|"]
     for option, spec in all_options():
         if spec is not None and option.flag == spec.flag:
-            needs = [w for w, on in (("needs the second view", spec.views),
-                                     ("adds separation heads", spec.heads)) if on]
-            what = (f"{spec.title}; {spec.paper}; logged {', '.join(f'`{k}`' for k in spec.logged)}"
-                    + (f"; {', '.join(needs)}" if needs else ""))
+            what = "; ".join([spec.title, spec.paper, f"logged {', '.join(f'`{k}`' for k in spec.logged)}"]
+                             + _needs(spec))
             rows.append(f"| `{option.flag} W` | 0 (off) | {what} |")
         else:
             choices = option.kwargs.get("choices")
             takes_value = option.kwargs.get("action") != "store_true"
             shown = (f"{option.flag} {{{','.join(map(str, choices))}}}" if choices
                      else f"{option.flag} {option.kwargs.get('metavar', 'V')}" if takes_value else option.flag)
-            rows.append(f"| `{shown}` | {_default(option)} | {option.short} |")
+            rows.append(f"| `{shown}` | {_default(option)} | {option.text} |")
     return "\n".join(rows)
 
 

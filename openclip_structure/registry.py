@@ -2,8 +2,8 @@
 
 Each :class:`TermSpec` names a method once: its weight flag, the flags that configure it, the term
 objects it adds to the loss (each logged as ``{name}_loss``), whether it needs the second view or
-the separation heads, and the paper. From :data:`TERMS` come the command-line flags
-(:func:`openclip_structure.flags.add_arguments`), the checks that depend on which terms are on
+the separation heads, and the paper. From :data:`TERMS` come the command-line flags and their
+``--help`` (:func:`openclip_structure.flags.add_arguments`), the checks that depend on which terms are on
 (:func:`views_enabled`, :func:`separation_enabled`, ...), the loss factory
 (:func:`openclip_structure.factory.build_terms`) and the README's flag table
 (:func:`openclip_structure.flags.flag_table`). Adding a method = one entry here.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 from .losses import (AlignTruePairs, AugmentedGeometricConsistency, BrownianBridge, CentroidUniformity,
                      GeometricConsistency, InModalContrastive, ModalityUniformity, RegularizerTerm,
@@ -66,12 +66,14 @@ TEXT_AUGS = ("none", "captions", "eda")
 
 @dataclass(frozen=True)
 class Option:
-    """A flag: ``kwargs`` go to ``argparse.add_argument``; ``short`` is its README table line."""
+    """A flag: ``kwargs`` go to ``argparse.add_argument`` (``help`` excepted); ``text`` is its one
+    description, from which both its ``--help`` text and its README table line are built
+    (:func:`openclip_structure.flags.option_help`, :func:`openclip_structure.flags.flag_table`)."""
 
     flag: str
     kwargs: Dict
-    short: str
-    #: the README's "default" cell when the argparse default (None) says nothing
+    text: str
+    #: the shown default (README cell, ``--help``) when the argparse default (None) says nothing
     shown_default: str = ""
 
     @property
@@ -81,18 +83,30 @@ class Option:
 
 @dataclass(frozen=True)
 class TermSpec:
-    """One method: weight flag ``--{key}-weight`` (dest ``{key}_weight``, default 0 = off)."""
+    """One method: weight flag ``--{key}-weight`` (dest ``{key}_weight``, default 0 = off).
+
+    Its text fields (``name``, ``equation``, ``summary``, ``paper``) with ``logged``, ``views`` and
+    ``heads`` are the one description of the method: the weight flag's ``--help`` and its README
+    table line are both built from them (:func:`openclip_structure.flags.weight_help`,
+    :func:`openclip_structure.flags.flag_table`), and its options' help names it by ``name``."""
 
     key: str
-    title: str  # README line
+    name: str  # short name, e.g. "Align-True-Pairs"
     paper: str
-    help: str
     build: Callable[[argparse.Namespace], List[RegularizerTerm]]
     logged: Tuple[str, ...]
+    equation: str = ""  # symbol or formula after the name, e.g. "L_gc"
+    summary: str = ""  # what it does (markdown: `code` spans), after the name and equation
     views: bool = False  # needs the augmented second view of each sample
     heads: bool = False  # needs the separation heads attached to the model
     gap_schedule: bool = False  # follows --gap-schedule ramp
     options: Tuple[Option, ...] = field(default=())
+
+    @property
+    def title(self) -> str:
+        """``name equation: summary`` (markdown)."""
+        head = f"{self.name} {self.equation}" if self.equation else self.name
+        return f"{head}: {self.summary}" if self.summary else head
 
     @property
     def flag(self) -> str:
@@ -129,67 +143,55 @@ JIANG = "Jiang et al., CVPR 2023"
 
 TERMS: Tuple[TermSpec, ...] = (
     TermSpec(
-        "gap_atp", "Align-True-Pairs, the gap alignment term (paper: 1)", GRASSUCCI,
-        "Weight of Align-True-Pairs, the modality-gap alignment term (Grassucci et al. 2026; the paper "
-        "uses 1). Logged as gap_atp_loss. 0 = off.",
-        lambda a: [AlignTruePairs(anchor=a.gap_anchor)], ("gap_atp_loss",), gap_schedule=True,
-        options=(Option("--gap-anchor", dict(choices=["image", "text"], default="image",
-                                             help="Anchor modality of Align-True-Pairs (default image)."),
-                        "anchor modality of ATP"),)),
+        "gap_atp", "Align-True-Pairs", GRASSUCCI,
+        lambda a: [AlignTruePairs(anchor=a.gap_anchor)], ("gap_atp_loss",),
+        summary="the modality-gap alignment term (paper: 1)", gap_schedule=True,
+        options=(Option("--gap-anchor", dict(choices=["image", "text"], default="image"),
+                        "the anchor modality: the squared distance of the other modality's embedding to it is the loss"),)),
     TermSpec(
-        "gap_cu", "Centroid Uniformity (paper: 1)", GRASSUCCI,
-        "Weight of Centroid-Uniformity (Grassucci et al. 2026; the paper uses 1). Logged as gap_cu_loss. 0 = off.",
-        _gap_uniformity, ("gap_cu_loss",), gap_schedule=True,
+        "gap_cu", "Centroid Uniformity", GRASSUCCI, _gap_uniformity, ("gap_cu_loss",),
+        summary="the uniformity of the per-sample image–text centroids (paper: 1)", gap_schedule=True,
         options=(
-            Option("--gap-uniformity", dict(
-                choices=["centroid", "modality"], default="centroid",
-                help="Uniformity term weighted by --gap-cu-weight: 'centroid' = uniformity of the re-normalised "
-                     "per-sample centroids (Grassucci et al.); 'modality' = mean of per-modality uniformities "
-                     "(Fahim et al. 2024 baseline)."),
-                "`modality` = Fahim et al. 2024 per-modality uniformity instead"),
+            Option("--gap-uniformity", dict(choices=["centroid", "modality"], default="centroid"),
+                   "the uniformity term: `centroid` = uniformity of the re-normalised per-sample centroids "
+                   "(Grassucci et al.); `modality` = mean of the per-modality uniformities instead (Fahim et al. "
+                   "2024 baseline)"),
             Option("--gap-uniformity-t", dict(
-                type=number(lo=0.0, hi=50.0, lo_open=True, what="temperature"), default=2.0,
-                help="t of the Wang & Isola uniformity kernel exp(-t||x-y||^2) (default 2)."),
-                "t of the uniformity kernel `exp(-t‖x-y‖²)`"),
+                type=number(lo=0.0, hi=50.0, lo_open=True, what="temperature"), default=2.0),
+                "the t of the Wang & Isola uniformity kernel `exp(-t‖x-y‖²)`"),
         )),
     TermSpec(
-        "gc", "geometric consistency L_gc (= CyCLIP's cyclic loss)", JIANG,
-        "Weight of geometric consistency L_gc (Jiang et al. 2023; = CyCLIP's cyclic loss, CyCLIP uses 0.25 "
-        "with its contrastive loss halved, i.e. 0.5 here). Logged as gc_loss. 0 = off.",
-        lambda a: [GeometricConsistency()], ("gc_loss",)),
+        "gc", "geometric consistency", JIANG, lambda a: [GeometricConsistency()], ("gc_loss",),
+        equation="L_gc", summary="CyCLIP's cyclic loss (CyCLIP uses 0.25 with its contrastive loss halved, "
+                                 "i.e. 0.5 here)"),
     TermSpec(
-        "gc_aug", "augmented geometric consistency L_gc^a", JIANG,
-        "Weight of augmented geometric consistency L_gc^a (Jiang et al. 2023). Needs the second view "
-        "(--view-aug). Logged as gc_aug_loss. 0 = off.",
-        lambda a: [AugmentedGeometricConsistency()], ("gc_aug_loss",), views=True),
+        "gc_aug", "augmented geometric consistency", JIANG, lambda a: [AugmentedGeometricConsistency()],
+        ("gc_aug_loss",), equation="L_gc^a",
+        summary="each modality's similarity structure and each pair's image–text cosine the same for the "
+                "original and the augmented views", views=True),
     TermSpec(
-        "bridge", "Brownian bridge: the augmented image view onto the image–caption bridge", JIANG,
-        "Weight of the Brownian-bridge loss (Jiang et al. 2023): the augmented image embedding should lie on "
-        "normalize(t z_V + (1-t) z_T). Logged as bridge_loss. 0 = off.",
-        _bridge, ("bridge_loss",), views=True,
-        options=(Option("--bridge-t", dict(
-            type=bridge_t, default=0.25,
-            help="Image weight t of the bridge point: a number in (0, 1) (default 0.25, the paper's value) or "
-                 "'uniform' (t ~ U(0,1) per sample, seeded by --seed)."),
-            "image weight t of the bridge point, or `uniform` per sample"),)),
+        "bridge", "Brownian bridge", JIANG, _bridge, ("bridge_loss",),
+        summary="the augmented image embedding pulled onto the image–caption bridge point "
+                "`normalize(t z_V + (1-t) z_T)`", views=True,
+        options=(Option("--bridge-t", dict(type=bridge_t, default=0.25),
+                        "image weight t of the bridge point: a number in (0, 1) (0.25: the paper's value), or "
+                        "`uniform` (t ~ U(0,1) per sample, seeded by `--seed`)"),)),
     TermSpec(
-        "sep", "deep feature separation: independent heads, three terms", JIANG,
-        "Weight of deep feature separation (Jiang et al. 2023), applied alike to its three terms sep_ortho, "
-        "sep_icon, sep_iuni (logged separately). Adds one trainable independent head per tower (saved with "
-        "the checkpoints as 'structure_heads', not in state_dict). Needs open_clip's VisionTransformer + "
-        "built-in text transformer. 0 = off.",
-        _separation, ("sep_ortho_loss", "sep_icon_loss", "sep_iuni_loss"), views=True, heads=True,
+        "sep", "deep feature separation", JIANG, _separation, ("sep_ortho_loss", "sep_icon_loss", "sep_iuni_loss"),
+        summary="one trainable independent head per tower, on the pooled features that feed its final projection "
+                "(saved with the checkpoints as `structure_heads`, not in the state_dict); one weight for its "
+                "three terms", views=True, heads=True,
         options=(Option("--sep-temperature", dict(
-            type=number(lo=0.0, hi=10.0, lo_open=True, what="temperature"), default=0.1,
-            help="Temperature of sep_icon's InfoNCE between independent features of the two views (default "
-                 "0.1: our choice, SimCLR-style; the paper does not state it)."),
-            "temperature of `sep_icon`'s InfoNCE"),)),
+            type=number(lo=0.0, hi=10.0, lo_open=True, what="temperature"), default=0.1),
+            "temperature of `sep_icon`'s InfoNCE between the independent features of the two views (0.1: our "
+            "choice, SimCLR-style; the paper does not state it)"),)),
     TermSpec(
-        "inmodal", "in-modal contrastive terms between original and augmented views", "Goel et al. (CyCLIP), NeurIPS 2022",
-        "Weight of CyCLIP's in-modal contrastive terms (L_V2Va + L_T2Ta)/2 with the CLIP temperature; the "
-        "text half needs a text view (--text-aug). With --gc-weight 0.5 and a text view: 2 x CyCLIP's "
-        "objective. Logged as inmodal_loss. 0 = off.",
-        lambda a: [InModalContrastive(text=text_views_enabled(a))], ("inmodal_loss",), views=True),
+        "inmodal", "in-modal contrast", "Goel et al. (CyCLIP), NeurIPS 2022",
+        lambda a: [InModalContrastive(text=text_views_enabled(a))], ("inmodal_loss",),
+        equation="(L_V2Va + L_T2Ta)/2",
+        summary="CyCLIP's in-modal contrastive terms between the original and augmented views, with the CLIP "
+                "temperature; the text half needs a text view (`--text-aug`); with `--gc-weight 0.5` and a "
+                "text view: 2 × CyCLIP's objective", views=True),
 )
 
 BY_KEY = {spec.key: spec for spec in TERMS}
@@ -217,6 +219,22 @@ def separation_enabled(args) -> bool:
 
 def text_views_enabled(args) -> bool:
     return views_enabled(args) and getattr(args, "text_aug", "none") != "none"
+
+
+def weight_flags(weights: Mapping[str, object] | None = None, default: object = None) -> List[str]:
+    """Command-line flags that turn terms on: ``[--{key}-weight, W, ...]`` in registry order, W from
+    ``weights`` (by term key), else ``default`` (None: the term stays off). A number is written
+    with ``:g``, a string as given. Raises ``KeyError`` for a key that is no registry term."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(BY_KEY))
+    if unknown:
+        raise KeyError(f"no registry term {unknown}; terms: {list(BY_KEY)}")
+    out: List[str] = []
+    for spec in TERMS:
+        w = weights.get(spec.key, default)
+        if w is not None:
+            out += [spec.flag, w if isinstance(w, str) else f"{w:g}"]
+    return out
 
 
 def view_flags() -> str:

@@ -20,7 +20,9 @@ time is NOT included (ClipLoss gathers 2 tensors of [B_global, D]; the regulariz
 key they use once, shared by all terms; geometric consistency needs no gather in its Gram form but
 all-reduces D x D statistics).
 
-Each case runs through the real ``StructureLoss.regularizer_losses`` path (FeatureBatch, one
+The cases come from the term registry (:func:`build_cases`: every term alone, a few option
+variants, the gap loss, the no-view terms, all of them). Each case runs through the real
+``StructureLoss.regularizer_losses`` path (FeatureBatch, one
 gather per key, statistics, ONE reduce, finalize) with every weight 1; the baseline is
 ``ClipLoss(...)`` forward + backward. Each repetition runs ClipLoss, case, ClipLoss, case, ... in a
 shuffled case order; a case's ratio is the median over repetitions of its time divided by the mean
@@ -50,9 +52,7 @@ import ctypes
 import json
 import math
 import os
-import platform
 import random
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -63,47 +63,14 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench_common import describe, machine_info, median, write_json  # noqa: E402
+from openclip_structure import flags as plugin_flags, registry  # noqa: E402
 from openclip_structure.losses import runtime as osd  # noqa: E402
 from openclip_structure.factory import StructureLoss  # noqa: E402
-from openclip_structure.losses import (AlignTruePairs, AugmentedGeometricConsistency, BrownianBridge,  # noqa: E402
-                                       CentroidUniformity, GeometricConsistency, InModalContrastive,
-                                       ModalityUniformity, SeparationInModalContrast, SeparationOrthogonality,
-                                       SeparationUniformity)
 from openclip_structure.schedule import constant  # noqa: E402
 
 
-# ---- machine, memory, statistics helpers (also used by bench_step.py) -------------------------
-
-def machine_info(device: str = "cpu") -> Dict[str, object]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import open_clip
-        oc = open_clip.__version__
-    except Exception:  # pragma: no cover - informative only
-        oc = "?"
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except OSError:  # pragma: no cover
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "open_clip": oc, "python": platform.python_version(),
-            "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
-            "dtype": "float32", "load_avg_1min_at_start": load}
-
-
-def describe(info: Dict[str, object]) -> str:
-    return (f"machine: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
-            f"torch {info['torch']}, open_clip {info['open_clip']}, python {info['python']}, "
-            f"{info['dtype']} on {info['device']}; 1-min load average at start: {info['load_avg_1min_at_start']}")
-
+# ---- memory helpers --------------------------------------------------------------------------
 
 class PeakRSS:
     """Peak increase of resident memory over a block (Linux).
@@ -149,11 +116,6 @@ class PeakRSS:
         return float(self._status("VmHWM") - self.start) if self.available else float("nan")
 
 
-def median(xs: List[float]) -> float:
-    xs = [x for x in xs if x == x]
-    return statistics.median(xs) if xs else float("nan")
-
-
 @contextlib.contextmanager
 def saved_bytes_counter(out: Dict[str, int]):
     """Sum of the bytes of unique storages autograd saves for backward inside the block."""
@@ -176,31 +138,59 @@ def saved_bytes_counter(out: Dict[str, int]):
 
 
 # ---- the cases ------------------------------------------------------------------------------
+#
+# Every case is built from the term registry (openclip_structure.registry.TERMS) as training builds
+# it, from the plugin's own flag defaults (e.g. --sep-temperature, --bridge-t), with a text view on
+# (``--text-aug eda``: the in-modal terms build with their text halves). A case feeds ``text_aug`` =
+# ``text`` (no distinct augmented caption, as training without a text view) unless it says otherwise.
 
-def _sep():
-    return [SeparationOrthogonality(), SeparationInModalContrast(0.1), SeparationUniformity()]
+#: variants of one registry term: case name -> (term key, extra plugin flags, distinct augmented caption)
+VARIANTS: Dict[str, Tuple[str, List[str], bool]] = {
+    "gap_cu(modality)": ("gap_cu", ["--gap-uniformity", "modality"], False),
+    "gc_aug(text-aug)": ("gc_aug", [], True),
+}
+
+
+def term_args(extra: Optional[List[str]] = None) -> argparse.Namespace:
+    """The plugin's flags at their defaults, every term's weight 1, a text view, plus ``extra``."""
+    argv = registry.weight_flags(default=1) + ["--text-aug", "eda"] + (extra or [])
+    return plugin_flags.add_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def _built(specs, extra: Optional[List[str]] = None, name: Optional[str] = None) -> Callable[[], list]:
+    """Factory of the terms ``specs`` build (only the one called ``name`` when given)."""
+    args = term_args(extra)
+    return lambda: [t for spec in specs for t in spec.build(args) if name is None or t.name == name]
+
+
+def build_cases() -> Dict[str, Tuple[Callable[[], list], bool]]:
+    """Case name -> (terms factory, uses an augmented caption distinct from the caption): each
+    registry term alone (a term that adds several, e.g. separation, as one case per added term,
+    named as logged), the :data:`VARIANTS` after their term, then the gap loss (the terms
+    ``--gap-schedule`` ramps), the terms that need no view, and all of them together."""
+    cases: Dict[str, Tuple[Callable[[], list], bool]] = {}
+    for spec in registry.TERMS:
+        names = [t.name for t in spec.build(term_args())]
+        for name in names:
+            cases[spec.key if len(names) == 1 else name] = (_built([spec], name=name), False)
+        for variant, (key, extra, text_aug) in VARIANTS.items():
+            if key == spec.key:
+                cases[variant] = (_built([spec], extra), text_aug)
+    gap = [s for s in registry.TERMS if s.gap_schedule]
+    no_view = [s for s in registry.TERMS if not s.views and not s.heads]
+    cases[f"gap ({'+'.join(s.key.split('_', 1)[-1] for s in gap)})"] = (_built(gap), False)  # gap (atp+cu)
+    groups = dict.fromkeys("gap" if s.gap_schedule else s.key for s in no_view)
+    cases[f"no-view ({'+'.join(groups)})"] = (_built(no_view), False)  # no-view (gap+gc)
+    cases["all"] = (_built(registry.TERMS), False)
+    return cases
 
 
 #: case name -> (terms factory, uses an augmented caption distinct from the caption)
-CASES: Dict[str, Tuple[Callable[[], list], bool]] = {
-    "gap_atp": (lambda: [AlignTruePairs()], False),
-    "gap_cu": (lambda: [CentroidUniformity()], False),
-    "gap_cu(modality)": (lambda: [ModalityUniformity()], False),
-    "gc": (lambda: [GeometricConsistency()], False),
-    "gc_aug": (lambda: [AugmentedGeometricConsistency()], False),
-    "gc_aug(text-aug)": (lambda: [AugmentedGeometricConsistency()], True),
-    "bridge": (lambda: [BrownianBridge()], False),
-    "sep_ortho": (lambda: [SeparationOrthogonality()], False),
-    "sep_icon": (lambda: [SeparationInModalContrast(0.1)], False),
-    "sep_iuni": (lambda: [SeparationUniformity()], False),
-    "inmodal": (lambda: [InModalContrastive()], False),
-    "gap (atp+cu)": (lambda: [AlignTruePairs(), CentroidUniformity()], False),
-    "no-view (gap+gc)": (lambda: [AlignTruePairs(), CentroidUniformity(), GeometricConsistency()], False),
-    "all": (lambda: [AlignTruePairs(), CentroidUniformity(), GeometricConsistency(),
-                     AugmentedGeometricConsistency(), BrownianBridge(), *_sep(), InModalContrastive()], False),
-}
-SINGLE_TERMS = ["gap_atp", "gap_cu", "gap_cu(modality)", "gc", "gc_aug", "gc_aug(text-aug)", "bridge",
-                "sep_ortho", "sep_icon", "sep_iuni", "inmodal"]
+CASES: Dict[str, Tuple[Callable[[], list], bool]] = build_cases()
+#: the cases of one term each (every case but the combinations)
+SINGLE_TERMS = [n for n in CASES if n != "all" and not n.startswith(("gap (", "no-view ("))]
+
+
 KEYS = ["image", "text", "image_aug", "text_aug", "image_ind", "text_ind", "image_aug_ind", "text_aug_ind"]
 
 
@@ -590,18 +580,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     log(f"\n(elapsed {res['elapsed_s']:.0f} s)")
     write_json(res, args.json)
     return res
-
-
-def write_json(res, dest) -> None:
-    """``--json DEST``: the results as JSON to a file, or to stdout with ``-``."""
-    if not dest:
-        return
-    text = json.dumps(res, indent=1)
-    if dest == "-":
-        print(text)
-    else:
-        with open(dest, "w") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench_losses import describe, machine_info, median, write_json  # noqa: E402
+from bench_common import describe, machine_info, median, write_json  # noqa: E402
 from openclip_structure.factory import create_loss  # noqa: E402
 
 #: configuration -> plugin flags ("views-ref": two views, ClipLoss only, see the module docstring)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from bench_step import CONFIGS, Runner, register_small_config  # noqa: E402
-from bench_losses import write_json  # noqa: E402
+from bench_common import write_json  # noqa: E402
 
 #: every configuration of bench_step except its reference (ClipLoss + the second view, no term)
 CHECKED = [n for n in CONFIGS if n != "views-ref"]

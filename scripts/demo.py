@@ -2,6 +2,10 @@
 measure the modality gap and group-level structure of every checkpoint and print one table.
 
     python scripts/demo.py            # default: baseline x 5 seeds, every other method x 3 seeds (docs/recipe.md)
+
+Methods: the baseline, each term of the registry (``openclip_structure.registry.TERMS``) at the
+papers' weight (the two gap terms together as ``gap``) and ``all`` = those terms together; a
+registry term left out of the demo is in :data:`LEFT_OUT`, with the reason printed when ``all`` runs.
     python scripts/demo.py --quick    # 1 seed, a short budget: a ~2-3 minute end-to-end check
     python scripts/demo.py --device cuda   # the same experiment, scaled up, on a GPU
 
@@ -27,15 +31,42 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-# method name -> plugin flags (weights: the papers' published values where they exist)
-METHODS = {
-    "baseline": [],
-    "gap": ["--gap-atp-weight", "1", "--gap-cu-weight", "1"],
-    "gc": ["--gc-weight", "0.25"],
-    "gc_aug": ["--gc-aug-weight", "0.25"],
-    "bridge": ["--bridge-weight", "1"],
-    "separation": ["--sep-weight", "1"],
+from openclip_structure import registry  # noqa: E402
+
+# the demo's weight of each registry term (the papers' published values where they exist)
+WEIGHTS = {"gap_atp": 1, "gap_cu": 1, "gc": 0.25, "gc_aug": 0.25, "bridge": 1, "sep": 1}
+# registry terms that no method trains, "all" included, and why (printed when "all" runs)
+LEFT_OUT = {
+    "inmodal": "CyCLIP's in-modal objective needs a text view (--text-aug eda), which in 'all' would also change "
+               "the text halves of gc_aug and separation; without one only its image half trains. The demo has no "
+               "text view, and the README's 'all of them' rows were trained without inmodal; its weight sweep runs "
+               "it with the text view (scripts/sweep.py --sweeps inmodal)",
 }
+# method name -> the registry terms it trains, each at its WEIGHTS value
+METHOD_TERMS = {"gap": ("gap_atp", "gap_cu"), "gc": ("gc",), "gc_aug": ("gc_aug",), "bridge": ("bridge",),
+                "separation": ("sep",)}
+
+
+def _check_terms():
+    """Every registry term has a demo weight or a reason to be left out (a new term must choose)."""
+    keys = [spec.key for spec in registry.TERMS]
+    undecided = [k for k in keys if (k in WEIGHTS) == (k in LEFT_OUT)]
+    unknown = sorted((set(WEIGHTS) | set(LEFT_OUT) | {k for t in METHOD_TERMS.values() for k in t}) - set(keys))
+    if undecided or unknown:
+        raise SystemExit(f"[demo] registry terms {undecided} need a demo weight (WEIGHTS) or a reason to be "
+                         f"left out (LEFT_OUT), exactly one; unknown terms {unknown}")
+
+
+_check_terms()
+
+
+def term_flags(keys):
+    """Plugin flags that train the registry terms ``keys`` at the demo's weights, in registry order."""
+    return registry.weight_flags({key: WEIGHTS[key] for key in keys})
+
+
+# method name -> plugin flags
+METHODS = {"baseline": [], **{method: term_flags(keys) for method, keys in METHOD_TERMS.items()}}
 # methods run only when named in --methods (not in the default demo, not in "all"): Grassucci et al.'s
 # own comparison trains their loss at a FIXED temperature 0.1 against learned-temperature CLIP; the
 # fixed-temperature baseline is the control that separates the temperature's effect from the loss's
@@ -80,9 +111,14 @@ OVERRIDES = (("epochs", int), ("batch", int), ("samples", int), ("lr", float), (
 
 
 def available_methods():
-    """Every method of METHODS plus 'all' (every regularizer together)."""
-    combined = [a for m, f in METHODS.items() if m != "baseline" for a in f]
-    return {**METHODS, "all": combined}
+    """Every method of METHODS plus 'all': every registry term together, but those of LEFT_OUT."""
+    return {**METHODS, "all": term_flags([spec.key for spec in registry.TERMS if spec.key not in LEFT_OUT])}
+
+
+def all_description():
+    """What 'all' trains, and which registry terms it leaves out and why."""
+    text = "'all' = " + ", ".join(spec.key for spec in registry.TERMS if spec.key not in LEFT_OUT) + " together"
+    return text + "".join(f"; it leaves out {k}: {why}" for k, why in LEFT_OUT.items())
 
 
 # the bundled tasks: name -> (writer module, function); "scenes" is the group task with nuisance
@@ -257,8 +293,9 @@ def main(argv=None):
     p.add_argument("--method-seeds", type=int, default=None,
                    help="run the methods other than the baseline on the first N seeds only")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="subset of methods to run; also baseline_fixed_t and gap_fixed_t (--fixed-temperature 0.1, "
-                        "Grassucci et al.'s comparison), which run only when named")
+                   help=f"subset of methods to run (default: {', '.join(available_methods())}; "
+                        f"{all_description().replace('%', '%%')}); also baseline_fixed_t and gap_fixed_t "
+                        "(--fixed-temperature 0.1, Grassucci et al.'s comparison), which run only when named")
     p.add_argument("--task", choices=sorted(TASKS), default="digits",
                    help="digits: captions name the class; scenes: digits in an ink colour on a background, both "
                         "named in the captions (the group task with headroom); scenes-bigval: the same training "
@@ -310,6 +347,8 @@ def main(argv=None):
     runs = [(m, methods[m], seed) for m in methods for seed in plan[m]]
     jobs = args.jobs or default_jobs(args.device, args.threads)
     print(f"[demo] {len(runs)} runs, {jobs} at a time, {args.threads} thread(s) each", flush=True)
+    if "all" in methods:
+        print(f"[demo] {all_description()}", flush=True)
     for (method, _, _), (ckpt, metrics) in zip(runs, run_all(runs, data, size, out_dir, args.device,
                                                              jobs, args.threads)):
         results.setdefault(method, []).append(metrics)
@@ -327,7 +366,9 @@ def main(argv=None):
     md = (f"Validation set: {data['val']['num_samples']} {args.task} image/caption pairs, 10 classes; "
           f"{size['epochs']} epochs on {size['samples']} training pairs, batch {size['batch']}, "
           f"lr {size['lr']:g}, warmup {size['warmup']} steps, "
-          f"model {size['model']}; {note}.\n\n{text}\n\nZero-shot top-1 per seed:\n\n{per_seed}\n\nPer-term structural diagnostics "
+          f"model {size['model']}; {note}."
+          + (f" {all_description()}." if "all" in methods else "")
+          + f"\n\n{text}\n\nZero-shot top-1 per seed:\n\n{per_seed}\n\nPer-term structural diagnostics "
           f"(openclip_structure.evaluation.diagnostics; sep_* only where the model has separation heads):\n\n{diag}\n\n"
           f"Produced by `{cmd.strip()}` "
           f"in {time.time() - start:.0f}s.\n")

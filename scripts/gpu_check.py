@@ -53,10 +53,6 @@ DRY_CAPS = {s: 300 for s in SECTIONS}
 #: section 2's configurations -> bench_step.CONFIGS entries whose plugin flags they join
 TRAIN_CONFIGS = {"plain": ["baseline"], "gap": ["gap (atp+cu)"], "gc": ["gc"], "gap+gc": ["gap+gc"],
                  "views": ["gc_aug", "bridge", "sep", "inmodal"], "all": ["all"]}
-#: the loss terms each configuration must log
-TRAIN_TERMS = {"plain": [], "gap": ["gap_atp", "gap_cu"], "gc": ["gc"], "gap+gc": ["gap_atp", "gap_cu", "gc"],
-               "views": ["gc_aug", "bridge", "sep_ortho", "sep_icon", "sep_iuni", "inmodal"],
-               "all": ["gap_atp", "gap_cu", "gc", "gc_aug", "bridge", "sep_ortho", "sep_icon", "sep_iuni", "inmodal"]}
 FSDP_FLAGS = "--gap-atp-weight 1 --gap-cu-weight 1 --gc-weight 0.25"
 FSDP_RTOL = 1e-3
 
@@ -174,6 +170,16 @@ def train_flags() -> Dict[str, List[str]]:
     return {name: [f for part in parts for f in CONFIGS[part]] for name, parts in TRAIN_CONFIGS.items()}
 
 
+def train_terms(flags: Dict[str, List[str]]) -> Dict[str, List[str]]:
+    """The loss keys each configuration must log: the ``logged`` keys of the registry terms its
+    plugin flags enable (``openclip_structure.registry``)."""
+    from openclip_structure import flags as plugin_flags, registry
+
+    parser = plugin_flags.add_arguments(argparse.ArgumentParser())
+    return {name: [key for spec in registry.enabled(parser.parse_args(argv)) for key in spec.logged]
+            for name, argv in flags.items()}
+
+
 def parse_train_log(text: str, batch: int) -> Dict:
     windows = [(float(d), float(b)) for d, b in LOG_LINE.findall(text)]
     losses = {}
@@ -203,6 +209,7 @@ def make_digits_shards(tmp: str, timeout: float) -> Dict:
 def section_train(ctx: Dict, deadline: Deadline) -> Dict:
     p = ctx["plan"]["train"]
     flags = train_flags()
+    terms = train_terms(flags)
     shards = make_digits_shards(ctx["tmp"], deadline.left())
     results: Dict[str, Dict] = {}
     names = list(TRAIN_CONFIGS)
@@ -222,7 +229,7 @@ def section_train(ctx: Dict, deadline: Deadline) -> Dict:
         entry.update(wall_s=round(r["wall_s"], 1), flags=flags[name], truncated=r["timed_out"])
         if os.path.exists(probe):
             entry.update(read_json(probe))
-        missing = [t for t in TRAIN_TERMS[name] if f"{t}_loss" not in entry["last_losses"]]
+        missing = [k for k in terms[name] if k not in entry["last_losses"]]
         if r["rc"] not in (0, None) or not entry["windows"] or missing:
             entry["error"] = (f"terms not logged: {missing}\n" if missing else "") + tail(r)
         results[name] = entry

@@ -30,17 +30,24 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 sys.path.insert(0, ROOT)
 
 import demo  # noqa: E402
+from openclip_structure.registry import weight_flags  # noqa: E402
+
+
+def weights(*keys, w="{w}"):
+    """The weight flags of the registry terms ``keys``, each at ``w``."""
+    return weight_flags(dict.fromkeys(keys, w))
+
 
 # sweep name -> (flags with {w} for the swept value, values, what is swept)
 SWEEPS = {
-    "gap": (["--gap-atp-weight", "{w}", "--gap-cu-weight", "{w}"], [0.1, 1, 3], "ATP = CU weight"),
-    "gc": (["--gc-weight", "{w}"], [0.05, 0.25, 1], "weight"),
-    "gc_aug": (["--gc-aug-weight", "{w}"], [0.05, 0.25, 1], "weight"),
-    "bridge": (["--bridge-weight", "{w}"], [0.01, 0.1, 1], "weight"),
+    "gap": (weights("gap_atp", "gap_cu"), [0.1, 1, 3], "ATP = CU weight"),
+    "gc": (weights("gc"), [0.05, 0.25, 1], "weight"),
+    "gc_aug": (weights("gc_aug"), [0.05, 0.25, 1], "weight"),
+    "bridge": (weights("bridge"), [0.01, 0.1, 1], "weight"),
     # t = 0.25 (the default) at weight 0.1 is the bridge sweep's 0.1 run
-    "bridge_t": (["--bridge-weight", "0.1", "--bridge-t", "{w}"], [0.1, 0.5, 0.9], "t (weight 0.1)"),
-    "separation": (["--sep-weight", "{w}"], [0.1, 0.3, 1], "weight"),
-    "inmodal": (["--inmodal-weight", "{w}", "--text-aug", "eda"], [0.1, 0.3, 1], "weight (EDA text view)"),
+    "bridge_t": (weights("bridge", w="0.1") + ["--bridge-t", "{w}"], [0.1, 0.5, 0.9], "t (weight 0.1)"),
+    "separation": (weights("sep"), [0.1, 0.3, 1], "weight"),
+    "inmodal": (weights("inmodal") + ["--text-aug", "eda"], [0.1, 0.3, 1], "weight (EDA text view)"),
 }
 # (metrics key, label, higher is better?) shown per sweep; the headline first
 METRICS = [("zeroshot_top1", "zero-shot top-1", True), ("mixed_v_measure", "mixed-set V-measure", True),

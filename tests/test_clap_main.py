@@ -21,6 +21,8 @@ import sys
 
 import pytest
 
+from openclip_structure.registry import TERMS as REGISTRY, view_flags, weight_flags
+
 from helpers import ROOT, logged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +33,7 @@ needs_main = pytest.mark.skipif(SNAPSHOT is None, reason="no open_clip main snap
                                                          "open_clip-main (relative to the repository root)")
 TORCHAUDIO = "2.11.1"
 TERMS = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "0.25"]
-VIEW_TERMS = ["--gc-aug-weight", "0.25", "--bridge-weight", "1", "--sep-weight", "1", "--inmodal-weight", "0.3"]
+VIEW_TERMS = weight_flags({spec.key: 1 for spec in REGISTRY if spec.views})  # every view term of the registry
 
 
 def torchaudio_site() -> str:
@@ -99,7 +101,7 @@ def test_view_terms_refused_on_clap_before_anything_is_built(shards, tmp_path):
     proc = launch(clap_args(shards, tmp_path, "views", VIEW_TERMS + TERMS), timeout=120)
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-3000:])
     error = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(error) == 1 and "error: --gc-aug-weight, --bridge-weight, --sep-weight, --inmodal-weight cannot " \
+    assert len(error) == 1 and f"error: {view_flags()} cannot " \
         "train the audio-text model 'structure-clap-tiny' (CLAP)" in error[0] and "no audio view" in error[0], \
         proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -20,14 +20,16 @@ import sys
 import numpy as np
 import pytest
 
+from openclip_structure.registry import TERMS, weight_flags
+
 sys.path.insert(0, os.path.dirname(__file__))
 import ddp_worker  # noqa: E402
 
-ALL_TERMS = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "0.5", "--gc-aug-weight", "0.5",
-             "--bridge-weight", "1", "--sep-weight", "0.5", "--inmodal-weight", "1", "--text-aug", "eda"]
+WEIGHTS = {"gc": 0.5, "gc_aug": 0.5, "sep": 0.5}  # every other registry term at 1
+ALL_TERMS = weight_flags(WEIGHTS, default=1) + ["--text-aug", "eda"]  # every registry term
 GAP_VARIANT = ["--gap-atp-weight", "2", "--gap-cu-weight", "0.5", "--gap-uniformity", "modality",
                "--gap-anchor", "text", "--gc-weight", "0.25"]
-NON_VIEW = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "0.5"]  # distillation: no views
+NON_VIEW = weight_flags({s.key: WEIGHTS.get(s.key, 1) for s in TERMS if not s.views})  # distillation: no views
 
 
 def _cfg(base, local_loss, gather_with_grad, flags=ALL_TERMS):

@@ -113,9 +113,9 @@ def test_evaluator_json_text_key_scores_every_field(random_checkpoint, tmp_path)
 def test_text_aug_help_and_flag_table_name_the_json_keys():
     """--text-aug's help and its README row say that on open_clip main the .json fields of
     --json-text-key are the captions."""
-    from openclip_structure.flags import GENERAL_OPTIONS, flag_table
+    from openclip_structure.flags import GENERAL_OPTIONS, flag_table, option_help
 
     option = next(o for o in GENERAL_OPTIONS if o.flag == "--text-aug")
-    assert "--json-text-key" in option.kwargs["help"] and "open_clip main" in option.kwargs["help"]
+    assert "--json-text-key" in option_help(option) and "open_clip main" in option_help(option)
     row = next(line for line in flag_table().splitlines() if line.startswith("| `--text-aug"))
     assert "`.json` fields of `--json-text-key 'a;b'`" in row

@@ -10,6 +10,7 @@ import pytest
 from openclip_structure.data.sources import digits_samples
 
 from openclip_structure.data.writer import write_dataset
+from openclip_structure.registry import TERMS, weight_flags
 
 from helpers import ROOT, command, logged
 
@@ -19,10 +20,8 @@ SNAPSHOT = next((p for p in SNAPSHOTS if os.path.isdir(os.path.join(p, "src", "o
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(SNAPSHOT is None, reason="no open_clip main snapshot at ../shared/upstream/"
                                                           "open_clip-main (relative to the repository root)")]
-ALL_TERMS = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "0.25", "--gc-aug-weight", "0.25",
-             "--bridge-weight", "1", "--inmodal-weight", "1", "--sep-weight", "1", "--text-aug", "eda"]
-KEYS = ["contrastive_loss", "gap_atp_loss", "gap_cu_loss", "gc_loss", "gc_aug_loss", "bridge_loss",
-        "sep_ortho_loss", "sep_icon_loss", "sep_iuni_loss", "inmodal_loss"]
+ALL_TERMS = weight_flags({"gc": 0.25, "gc_aug": 0.25}, default=1) + ["--text-aug", "eda"]  # every registry term
+KEYS = ["contrastive_loss"] + [key for spec in TERMS for key in spec.logged]
 
 
 def env():

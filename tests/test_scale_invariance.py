@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from openclip_structure.data.sources import digits_samples
+from openclip_structure.registry import weight_flags
 
 from helpers import ROOT, logged, run
 
 DRIVER = os.path.join(ROOT, "tests", "deterministic_views_launcher.py")
-TERMS = ["--gap-atp-weight", "1", "--gap-cu-weight", "1", "--gc-weight", "1", "--gc-aug-weight", "1",
-         "--bridge-weight", "1", "--sep-weight", "1", "--inmodal-weight", "1", "--text-aug", "eda"]
+TERMS = weight_flags(default=1) + ["--text-aug", "eda"]  # every registry term at weight 1
 FLAG_SETS = {"default": [], "local+gwg": ["--local-loss", "--gather-with-grad"]}
 GLOBAL_BATCH = 32
 
