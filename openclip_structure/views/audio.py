@@ -51,8 +51,8 @@ def check_audio_args(args) -> None:
         raise FlagError(
             f"{', '.join(flags)} cannot train the audio-text model {args.model!r} (CLAP): "
             f"{'this term needs' if len(flags) == 1 else 'these terms need'} a second, augmented view of "
-            "each sample, and there is no audio view. On CLAP use the loss-only terms (--gap-atp-weight, "
-            "--gap-cu-weight, --gc-weight) and --fixed-temperature.")
+            f"each sample, and there is no audio view. On CLAP use the loss-only terms "
+            f"({', '.join(spec.flag for spec in TERMS if not spec.views)}) and --fixed-temperature.")
 
 
 def modality_note(task_name: str, primary: str) -> str:
