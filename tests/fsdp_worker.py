@@ -329,8 +329,7 @@ def phase_train(job, rank, world):
         if mode == "fsdp":
             res["coca_blocks"] = [n for n, _ in fsdp.shard_modules(unwrap(m))]
         o = make_optimizer(m)
-        coca_args = make_args([], rank, world)
-        coca_args.model = "coca-test"
+        coca_args = make_args(["--model", "coca-test"], rank, world)
         coca_loss = create_loss(coca_args)  # open_clip's CoCaLoss
         g = torch.Generator().manual_seed(3)
         b = GLOBAL_BATCH // world
