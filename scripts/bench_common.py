@@ -64,3 +64,13 @@ def write_json(res, dest) -> None:
     else:
         with open(dest, "w") as f:
             f.write(text)
+
+
+def finish(res: dict, t0: float, path, log=print) -> dict:
+    """Record and log the elapsed time since ``t0``, write ``res`` to ``path`` (``--json``), return it."""
+    import time
+
+    res["elapsed_s"] = time.time() - t0
+    log(f"(elapsed {res['elapsed_s']:.0f} s)")
+    write_json(res, path)
+    return res

@@ -63,7 +63,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_common import describe, machine_info, median, write_json  # noqa: E402
+from bench_common import describe, finish, machine_info, median  # noqa: E402
 from openclip_structure import flags as plugin_flags, registry  # noqa: E402
 from openclip_structure.losses import runtime as osd  # noqa: E402
 from openclip_structure.factory import StructureLoss  # noqa: E402
@@ -576,10 +576,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         log(f"wrote {args.plot}")
     else:
         log(summary_table(res["configs"], cases))
-    res["elapsed_s"] = time.time() - t_start
-    log(f"\n(elapsed {res['elapsed_s']:.0f} s)")
-    write_json(res, args.json)
-    return res
+    log("")
+    return finish(res, t_start, args.json, log)
 
 
 if __name__ == "__main__":
