@@ -21,9 +21,8 @@ import contextlib
 import sys
 from typing import List, Optional
 
-from .configs import MODEL_CONFIG_DIR, register_model_configs  # noqa: F401 (public names)
+from .configs import register_model_configs
 from .integration import shim, state
-from .integration.progress import wrap_lr_scheduler as _wrap_scheduler  # noqa: F401 (tests)
 
 
 def hook_patch_serves_us() -> bool:

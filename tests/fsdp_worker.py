@@ -26,7 +26,7 @@ import open_clip
 from openclip_structure import fsdp
 from openclip_structure.integration.parallel import CPUFriendlyDDP
 from openclip_structure.factory import create_loss
-from openclip_structure.main import register_model_configs
+from openclip_structure.configs import register_model_configs
 
 import helpers  # tests/ (this script's folder) is on sys.path
 

@@ -19,12 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from openclip_structure import registry
 from openclip_structure.factory import StructureLoss
-from openclip_structure.losses import (AlignTruePairs, AugmentedGeometricConsistency, BrownianBridge,
-                                       CentroidUniformity, GeometricConsistency, InModalContrastive,
-                                       ModalityUniformity, SeparationInModalContrast, SeparationOrthogonality,
-                                       SeparationUniformity)
 from openclip_structure.schedule import constant
+
+from helpers import make_args
 
 DEVICE = os.environ.get("GPU_CHECK_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -33,12 +32,17 @@ pytestmark = [
                        reason="needs a CUDA device (torch.cuda.is_available() is False)"),
 ]
 
-TERMS = {
-    "gap_atp": AlignTruePairs, "gap_cu": CentroidUniformity, "gap_cu(modality)": ModalityUniformity,
-    "gc": GeometricConsistency, "gc_aug": AugmentedGeometricConsistency, "bridge": BrownianBridge,
-    "sep_ortho": SeparationOrthogonality, "sep_icon": lambda: SeparationInModalContrast(0.1),
-    "sep_iuni": SeparationUniformity, "inmodal": InModalContrastive,
-}
+
+
+def _built(extra=()):
+    """Every term the registry builds (its flag defaults, every weight 1, a text view), by logged name."""
+    args = make_args(registry.weight_flags(default=1) + ["--text-aug", "eda", *extra])
+    return {term.name: term for spec in registry.TERMS for term in spec.build(args)}
+
+
+#: term name -> factory: every term of the registry, and gap_cu's per-modality uniformity variant
+TERMS = {name: (lambda name=name: _built()[name]) for name in _built()}
+TERMS["gap_cu(modality)"] = lambda: _built(["--gap-uniformity", "modality"])["gap_cu"]
 KEYS = ["image", "text", "image_aug", "text_aug", "image_ind", "text_ind", "image_aug_ind", "text_aug_ind"]
 N, D = 24, 32
 

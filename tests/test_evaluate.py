@@ -62,7 +62,7 @@ def random_ckpt(tmp_path_factory):
     """A checkpoint of an untrained tiny model in open_clip's format, plus its state dict."""
     import open_clip
 
-    from openclip_structure.main import register_model_configs
+    from openclip_structure.configs import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_export_loads_in_fresh_process(trained, exported, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     fresh = np.load(out)
 
-    from openclip_structure.main import register_model_configs
+    from openclip_structure.configs import register_model_configs
 
     register_model_configs()
     ref = open_clip.create_model(MODEL, pretrained=str(trained)).eval()

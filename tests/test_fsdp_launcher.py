@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from openclip_structure import main as launcher
+from openclip_structure.configs import MODEL_CONFIG_DIR
 from openclip_structure.data.sources import digits_samples
 
 from helpers import logged, run
@@ -60,7 +60,7 @@ def test_fsdp_matches_ddp_and_checkpoints_round_trip(csv_data, tmp_path):
 
     code = ("import sys, open_clip\nopen_clip.add_model_config(sys.argv[1])\n"
             "m = open_clip.create_model('structure-tiny', pretrained=sys.argv[2])\nprint('loaded')\n")
-    out = subprocess.run([sys.executable, "-c", code, launcher.MODEL_CONFIG_DIR, str(full)],
+    out = subprocess.run([sys.executable, "-c", code, MODEL_CONFIG_DIR, str(full)],
                          capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
 

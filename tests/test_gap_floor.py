@@ -68,7 +68,7 @@ def test_evaluate_checkpoint_reports_floor_and_logit_scale(tmp_path):
     import torch
 
     from openclip_structure.evaluation import evaluator as evaluate
-    from openclip_structure.main import register_model_configs
+    from openclip_structure.configs import register_model_configs
     from openclip_structure.data.sources import digits_samples
     from openclip_structure.data.writer import write_shards
 

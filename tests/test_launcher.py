@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from openclip_structure.integration.progress import wrap_lr_scheduler
+from openclip_structure.configs import MODEL_CONFIG_DIR
 from openclip_structure import flags
 from openclip_structure import main as launcher
 from openclip_structure.registry import TERMS
@@ -21,7 +23,7 @@ from openclip_structure.data.writer import write_dataset
 from helpers import ROOT, logged, run
 
 TESTS = os.path.join(ROOT, "tests")
-CONFIG_DIR = launcher.MODEL_CONFIG_DIR
+CONFIG_DIR = MODEL_CONFIG_DIR
 TRAIN = ["--model", "structure-tiny", "--epochs", "1", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1",
          "--workers", "1", "--seed", "0", "--log-every-n-steps", "1", "--report-to", "tensorboard"]
 
@@ -139,7 +141,7 @@ def test_scheduler_hook_records_progress():
     from open_clip_train.scheduler import cosine_lr
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     PROGRESS.reset()
-    adjust = launcher._wrap_scheduler(cosine_lr)(opt, 0.1, 10, 200)
+    adjust = wrap_lr_scheduler(cosine_lr)(opt, 0.1, 10, 200)
     adjust(57)
     assert (PROGRESS.step, PROGRESS.total_steps, PROGRESS.fraction) == (57, 200, 57 / 200)
     assert opt.param_groups[0]["lr"] == pytest.approx(cosine_lr(opt, 0.1, 10, 200)(57))

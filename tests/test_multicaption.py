@@ -225,7 +225,6 @@ def coco_val_results(run_dir, val, json_text_key=None):
     (40 validation images with 79 captions)."""
     import json
 
-    from openclip_structure.data.reader import _decode_image
     from openclip_structure.evaluation import evaluator as evaluate
 
     r = [json.loads(line) for line in open(run_dir / "checkpoints" / "results.jsonl")][0]

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from openclip_structure.configs import MODEL_CONFIG_DIR
 from openclip_structure import flags
 from openclip_structure import main as launcher
+from openclip_structure.registry import TERMS, weight_flags
 from openclip_structure.factory import MissingFeaturesError, build_terms, create_loss
 from openclip_structure.views.heads import HEADS_KEY, attach_heads, check_separation_support
 from openclip_structure.data.sources import digits_samples
@@ -32,13 +34,14 @@ from openclip_structure.views.image import TwoViews, augmented_view_transform
 from openclip_structure.views.text import TwoCaptions
 
 from helpers import VAL_TAR, X_TAR, logged, make_args, run  # noqa: E402
-CONFIG_DIR = launcher.MODEL_CONFIG_DIR
+CONFIG_DIR = MODEL_CONFIG_DIR
 TRAIN = ["--model", "structure-tiny", "--lr", "2e-3", "--warmup", "5", "--wd", "0.1", "--workers", "1",
          "--seed", "0", "--log-every-n-steps", "1", "--report-to", "tensorboard"]
-JIANG = ["--gc-weight", "0.25", "--gc-aug-weight", "0.25", "--bridge-weight", "1", "--sep-weight", "1",
-         "--inmodal-weight", "1"]
-ALL_LOSS_KEYS = ("contrastive_loss", "gc_loss", "gc_aug_loss", "bridge_loss", "sep_ortho_loss", "sep_icon_loss",
-                 "sep_iuni_loss", "inmodal_loss", "gap_atp_loss", "gap_cu_loss")
+#: every term but the gap loss (the latent-structure terms and CyCLIP's in-modal terms), the
+#: geometric-consistency pair at 0.25 (CyCLIP's cyclic weight), the others at 1
+JIANG = weight_flags({spec.key: 0.25 if spec.key in ("gc", "gc_aug") else 1
+                      for spec in TERMS if not spec.gap_schedule})
+ALL_LOSS_KEYS = ("contrastive_loss",) + tuple(key for spec in TERMS for key in spec.logged)
 
 launcher.register_model_configs()
 
