@@ -68,3 +68,16 @@ def test_no_two_modules_share_a_name():
 def test_the_top_level_keeps_at_most_14_modules():
     top = [p for p in package_modules() if "/" not in p]
     assert len(top) <= 14, sorted(top)
+
+
+def test_the_commands_keep_their_module_names():
+    """``python -m openclip_structure.evaluate|export|benchmark_shards|patch`` (the README's commands)
+    still run from their top-level entry modules after the move into subpackages."""
+    import subprocess
+    import sys
+
+    for command, words in (("evaluate", "--pretrained"), ("export", "--checkpoint"),
+                           ("benchmark_shards", "--task"), ("patch", "--check")):
+        proc = subprocess.run([sys.executable, "-m", f"openclip_structure.{command}", "--help"], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+        assert proc.returncode == 0 and words in proc.stdout, (command, proc.stdout[-500:], proc.stderr[-1500:])
