@@ -14,11 +14,11 @@ from openclip_structure.registry import TERMS as REGISTRY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import bench_losses  # noqa: E402
+import bench_losses_cases  # noqa: E402
 
 SECTIONS = ["cuda_tests", "train_throughput", "loss_bench", "fsdp", "precision"]
 TRAIN_CONFIGS = ["plain", "gap", "gc", "gap+gc", "views", "all"]
-TERMS = bench_losses.SINGLE_TERMS + ["all"]  # every registry term alone (and its variants), all together
+TERMS = bench_losses_cases.SINGLE_TERMS + ["all"]  # every registry term alone (and its variants), all together
 
 
 def finite_positive(x):

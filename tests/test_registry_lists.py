@@ -72,17 +72,17 @@ def test_weight_flags_follow_the_registry():
 # ---- scripts --------------------------------------------------------------------------------
 
 def test_bench_losses_cases_cover_every_registry_term():
-    import bench_losses
+    import bench_losses_cases
 
-    cases = bench_losses.CASES
+    cases = bench_losses_cases.CASES
     built = {name: [t.name for t in factory()] for name, (factory, _) in cases.items()}
     # each registry term alone (separation: one case per added term, as logged)
-    singles = {n for n in bench_losses.SINGLE_TERMS if n not in bench_losses.VARIANTS}
+    singles = {n for n in bench_losses_cases.SINGLE_TERMS if n not in bench_losses_cases.VARIANTS}
     assert sorted(f"{t}_loss" for n in singles for t in built[n]) == sorted(EVERY_LOGGED)
     assert all(len(built[n]) == 1 and built[n][0] == n for n in singles)
     assert [f"{t}_loss" for t in built["all"]] == EVERY_LOGGED
     assert [f"{t}_loss" for t in built["no-view (gap+gc)"]] == [k for s in TERMS if not s.views for k in s.logged]
-    for name, (key, _, _) in bench_losses.VARIANTS.items():
+    for name, (key, _, _) in bench_losses_cases.VARIANTS.items():
         assert key in registry.BY_KEY and built[name] == [key], name
     # option values are the registry's flag defaults
     sep_temperature = next(o for o in registry.BY_KEY["sep"].options if o.flag == "--sep-temperature")
@@ -104,10 +104,10 @@ def test_bench_common_imports_without_side_effects():
 
 
 def test_gpu_check_expects_the_registry_terms():
-    import gpu_check
+    import gpu_check_sections
 
-    terms = gpu_check.train_terms(gpu_check.train_flags())
-    assert set(terms) == set(gpu_check.TRAIN_CONFIGS)
+    terms = gpu_check_sections.train_terms(gpu_check_sections.train_flags())
+    assert set(terms) == set(gpu_check_sections.TRAIN_CONFIGS)
     assert terms["plain"] == []
     assert terms["all"] == EVERY_LOGGED
     assert terms["views"] == [k for s in TERMS if s.views for k in s.logged]
