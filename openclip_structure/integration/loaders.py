@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .. import registry
-from ..views.text import TwoCaptions, _json_keys, text_pair
+from ..views.text import TwoCaptions, json_keys as caption_json_keys, text_pair
 from . import state
 
 
@@ -77,7 +77,7 @@ def wrap_get_data(get_data: Callable, get_args: Callable = state.current_args) -
         if ours is None or args is not ours or not registry.text_views_enabled(args) or tokenizer is None:
             return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer, **kwargs)
         eval_keys = ("val_data", "imagenet_val", "imagenet_v2")
-        pair, json_keys = text_pair(args), _json_keys(args)
+        pair, json_keys = text_pair(args), caption_json_keys(args)
         text_keys = ("json_text_key", "text_key") if json_keys else ()
         saved = {k: getattr(args, k, None) for k in eval_keys + text_keys + ("train_data", "dataset_type")}
         try:

@@ -117,8 +117,6 @@ def entries(*names: Tuple[str, str]) -> Tuple[Replacement, ...]:
     return tuple(by_name[n] for n in names)
 
 
-
-
 def _names(code: types.CodeType) -> set:
     """Global and attribute names a function's code (and its nested code) refers to."""
     out = set(code.co_names)

@@ -29,17 +29,11 @@ import contextlib
 import functools
 from typing import Iterator
 
-from .. import factory
-from .. import flags
-from .. import fsdp
-from ..views.audio import name_modalities
-from ..schedule import PROGRESS
-from . import checkpoints
-from . import progress
-from . import shim
-from . import state
-from . import validation
+from .. import factory, flags, fsdp
 from ..registry import view_flags
+from ..schedule import PROGRESS
+from ..views.audio import name_modalities
+from . import checkpoints, progress, shim, state, validation
 from .model import refuse
 from .parallel import _cpu_only
 

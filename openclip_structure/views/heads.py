@@ -56,7 +56,8 @@ def saved_heads(path, checkpoint=None, epoch=None) -> Tuple[Optional[Dict[str, t
 
 def check_separation_support(model: nn.Module, model_name: str = "?") -> Dict[str, "towers.Projection"]:
     """The towers' projections the heads read beside (:func:`openclip_structure.views.towers.projections`);
-    raises :class:`~openclip_structure.views.towers.UnsupportedModelError` naming the model and the reason where there is none."""
+    raises :class:`~openclip_structure.views.towers.UnsupportedModelError` naming the model and the
+    reason where there is none."""
     return towers.projections(model, model_name)
 
 

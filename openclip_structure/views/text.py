@@ -20,7 +20,7 @@ import torch
 
 from ..data.captions import CaptionPair, EDAPair
 
-__all__ = ["TEXT_VIEW_PAIRS", "TwoCaptions", "text_pair"]
+__all__ = ["TEXT_VIEW_PAIRS", "TwoCaptions", "json_keys", "text_pair"]
 
 TEXT_VIEW_PAIRS = {"eda": EDAPair, "captions": CaptionPair}
 
@@ -45,14 +45,16 @@ class TwoCaptions:
         return getattr(self.tokenizer, name)
 
 
-def _json_keys(args):
+def json_keys(args):
+    """The ``--json-text-key`` fields that hold a sample's captions, when ``--text-aug captions`` draws
+    the caption and its view from them (open_clip main); else None."""
     return getattr(args, "json_text_key", None) if getattr(args, "text_aug", None) == "captions" else None
 
 
 def text_pair(args) -> Callable:
     """The ``(caption, view)`` pair of ``args.text_aug``; with ``--json-text-key`` on open_clip main,
     the captions are those JSON fields and open_clip's extractor picks the caption."""
-    keys = _json_keys(args)
+    keys = json_keys(args)
     if keys:
         from open_clip_train.data import JsonCaptionExtractor  # open_clip main only (has --json-text-key)
 
